@@ -1,0 +1,119 @@
+"""The small base every analysis shares.
+
+An analysis is configured once (all parameters in ``__init__``) and run on many
+subjects. :meth:`Analysis.run` returns a copy of the subject with the analysis' results
+under ``subject.results[analysis.name]`` and one provenance step recording the
+parameters, the reference files read (with checksums) and timestamps.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from lacuna.core.errors import AnalysisError, SpaceError
+from lacuna.core.provenance import InputFile, ProvenanceStep
+from lacuna.core.results import Result
+from lacuna.core.spaces import Grid, canonical_space, coverage_fraction
+from lacuna.core.subject import SubjectData
+
+log = logging.getLogger(__name__)
+
+
+class Analysis(ABC):
+    """Base class of all analyses.
+
+    Subclasses implement :meth:`parameters` and :meth:`compute`; they may override
+    :meth:`run_batch` when many subjects can share work.
+    """
+
+    @property
+    def name(self) -> str:
+        """Key of the analysis in ``subject.results`` (the class name)."""
+        return type(self).__name__
+
+    @property
+    def desc(self) -> str:
+        """Alphanumeric label used in output file names."""
+        return self.name.lower()
+
+    @abstractmethod
+    def parameters(self) -> dict:
+        """JSON-serialisable parameters (recorded in provenance and sidecars)."""
+
+    def input_files(self) -> list[InputFile]:
+        """Reference files the analysis reads (hashed into provenance)."""
+        return []
+
+    @abstractmethod
+    def compute(self, subject: SubjectData, step: ProvenanceStep) -> dict[str, Result]:
+        """Compute results for one subject; may add notes to ``step``."""
+
+    def run(self, subject: SubjectData) -> SubjectData:
+        """Run the analysis on one subject.
+
+        Parameters
+        ----------
+        subject : SubjectData
+            The lesion to analyse (not modified).
+
+        Returns
+        -------
+        SubjectData
+            A copy with results under ``results[self.name]`` and a provenance step.
+        """
+        step = ProvenanceStep(
+            name=self.name, kind="analysis", parameters=self.parameters(), inputs=self.input_files()
+        )
+        results = self.compute(subject, step)
+        return subject.with_results(self.name, results, step.finish())
+
+    def run_batch(self, subjects: list[SubjectData]) -> list[SubjectData]:
+        """Run on many subjects (override for shared work); order is preserved."""
+        return [self.run(subject) for subject in subjects]
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{key}={value!r}" for key, value in self.parameters().items())
+        return f"{self.name}({params})"
+
+
+def alphanumeric(text: str) -> str:
+    """``text`` with everything but letters and digits removed (for BIDS labels)."""
+    return re.sub(r"[^A-Za-z0-9]", "", text)
+
+
+def mask_on_grid(
+    subject: SubjectData, target: Grid, target_space: str, step: ProvenanceStep
+) -> np.ndarray:
+    """The subject's mask as coverage fractions (0..1) on ``target``.
+
+    On the subject's own grid this is the mask itself; on another grid of the same space
+    it is the fraction of each target voxel covered by the lesion (see
+    :mod:`lacuna.core.spaces`). A note is added to ``step`` when resampling happens.
+
+    Raises
+    ------
+    AnalysisError
+        If the target grid lives in another space than the mask.
+    """
+    try:
+        same_space = canonical_space(target_space) == subject.space
+    except SpaceError as exc:
+        raise AnalysisError(str(exc)) from None
+    if not same_space:
+        raise AnalysisError(
+            f"the reference data is in {target_space} but the mask is in {subject.space}; "
+            "use reference data in the mask's space"
+        )
+    if target.matches(subject.grid):
+        return subject.mask.astype(np.float32)
+    note = (
+        f"mask resampled from {subject.grid.describe()} to {target.describe()} "
+        "(coverage fraction; a voxel counts as lesioned when at least half covered)"
+    )
+    if note not in step.notes:
+        step.notes.append(note)
+    return coverage_fraction(subject.mask, subject.affine, target)

@@ -1,0 +1,1 @@
+"""Command-line interface: the BIDS App and its companion commands."""

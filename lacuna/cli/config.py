@@ -1,0 +1,51 @@
+"""One place for the settings of a BIDS App run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+#: Analyses the BIDS App can run, by their command-line name.
+ANALYSES = ("RegionalDamage",)
+DEFAULT_ATLASES = ("Schaefer2018_100Parcels7Networks",)
+MASK_SUFFIXES = ("_mask.nii.gz", "_mask.nii")
+
+
+@dataclass
+class RunConfig:
+    """Settings of one ``lacuna BIDS_DIR OUTPUT_DIR LEVEL`` invocation.
+
+    Attributes mirror the command-line options; see ``lacuna --help``.
+    """
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    participant_labels: tuple[str, ...] = ()
+    session_labels: tuple[str, ...] = ()
+    mask_labels: tuple[str, ...] = ()
+    mask_space: str | None = None
+    analyses: tuple[str, ...] = ANALYSES
+    atlases: tuple[str, ...] = DEFAULT_ATLASES
+    atlas_dir: Path | None = None
+    work_dir: Path | None = None
+    nprocs: int = 1
+    skip_bids_validation: bool = False
+    overwrite: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.bids_dir = Path(self.bids_dir).resolve()
+        self.output_dir = Path(self.output_dir).resolve()
+        self.atlas_dir = Path(self.atlas_dir).resolve() if self.atlas_dir else None
+        self.work_dir = Path(self.work_dir).resolve() if self.work_dir else None
+        self.participant_labels = tuple(label.removeprefix("sub-") for label in self.participant_labels)
+        self.session_labels = tuple(label.removeprefix("ses-") for label in self.session_labels)
+        self.mask_labels = tuple(label.removeprefix("label-") for label in self.mask_labels)
+
+    def to_dict(self) -> dict:
+        """JSON-ready settings (paths as strings)."""
+        return {
+            key: (str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value)
+            for key, value in asdict(self).items()
+        }

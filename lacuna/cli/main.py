@@ -1,0 +1,297 @@
+"""Command line: ``lacuna BIDS_DIR OUTPUT_DIR {participant,group} [options]`` and tools.
+
+The BIDS-App form is the default command; other commands (``lacuna atlases list``,
+``lacuna validate``, ``lacuna demo``) live beside it. The CLI only wires options to
+the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from lacuna._version import __version__
+from lacuna.cli import messages
+from lacuna.cli.config import ANALYSES, DEFAULT_ATLASES, RunConfig
+from lacuna.core.errors import LacunaError
+
+log = logging.getLogger("lacuna")
+
+#: Options that take several values; ``--atlas A B`` is accepted as ``--atlas A --atlas B``.
+MULTI_VALUE_OPTIONS = ("--participant-label", "--session-label", "--mask-label", "--atlas", "--analysis")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_LEVELS = ("participant", "group")
+
+
+def expand_multi_value_options(args: list[str]) -> list[str]:
+    """Rewrite ``--opt a b`` as ``--opt a --opt b`` for :data:`MULTI_VALUE_OPTIONS`.
+
+    BIDS Apps (and Boutiques) pass lists space-separated. Extra values are taken while
+    they look like labels: not an option, not an analysis level, not an existing path.
+    """
+    expanded: list[str] = []
+    current = None  # the multi-value option whose values are being read
+    has_value = False
+    for token in args:
+        if token in MULTI_VALUE_OPTIONS:
+            current, has_value = token, False
+        elif current and not has_value:
+            has_value = True
+        elif current and _LABEL_VALUE.match(token) and token not in _LEVELS and not os.path.exists(token):
+            expanded.append(current)
+        else:
+            current = None
+        expanded.append(token)
+    return expanded
+
+
+class BidsAppGroup(click.Group):
+    """A group whose default command is the BIDS App (positional form)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        positional = next((a for a in args if not a.startswith("-")), None)
+        if positional is not None and positional not in self.commands:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx, formatter):
+        formatter.write_usage(
+            "lacuna", "BIDS_DIR OUTPUT_DIR {participant,group} [OPTIONS]\n       lacuna COMMAND [ARGS]..."
+        )
+
+
+def _setup_logging(verbose: int, quiet: int) -> None:
+    level = logging.INFO - 10 * verbose + 10 * quiet
+    logging.basicConfig(
+        level=max(logging.DEBUG, min(logging.CRITICAL, level)),
+        format="%(asctime)s %(levelname)-7s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+@click.group(
+    cls=BidsAppGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, "--version", prog_name="lacuna")
+def cli():
+    """Lacuna: lesion network mapping as a BIDS App.
+
+    \b
+    Map binary lesion masks (MNI152NLin6Asym / MNI152NLin2009cAsym) onto parcellations
+    and normative connectomes, and write BIDS derivatives.
+
+    \b
+    Typical use:
+      lacuna /data/bids /data/bids/derivatives/lacuna participant --atlas Schaefer2018_400Parcels7Networks
+      lacuna /data/bids /data/bids/derivatives/lacuna group
+      lacuna demo ./lacuna-demo            # synthetic example, runs offline
+
+    See `lacuna run --help` for every option of the BIDS-App form.
+    """
+
+
+@cli.command("run", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("bids_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("analysis_level", type=click.Choice(_LEVELS))
+@click.option(
+    "--participant-label",
+    "participant_labels",
+    multiple=True,
+    metavar="LABEL",
+    help="Participant(s) to analyse, with or without 'sub-' (repeatable; space-separated lists work). Default: all.",
+)
+@click.option("--session-label", "session_labels", multiple=True, metavar="LABEL", help="Session(s) to analyse (repeatable). Default: all.")
+@click.option(
+    "--mask-label",
+    "mask_labels",
+    multiple=True,
+    metavar="LABEL",
+    help="Mask label(s) to use: the label- entity of the masks, e.g. acuteinfarct (repeatable). Default: all masks.",
+)
+@click.option(
+    "--mask-space",
+    type=click.Choice(["MNI152NLin6Asym", "MNI152NLin2009cAsym"]),
+    help="Space of masks whose file name and sidecar do not declare one (overrides both).",
+)
+@click.option(
+    "--analysis",
+    "analyses",
+    multiple=True,
+    type=click.Choice(ANALYSES, case_sensitive=False),
+    help="Analysis to run (repeatable). Default: RegionalDamage.",
+)
+@click.option(
+    "--atlas",
+    "atlases",
+    multiple=True,
+    metavar="NAME",
+    help=f"Parcellation(s) for regional outputs (repeatable; see `lacuna atlases list`). Default: {', '.join(DEFAULT_ATLASES)}.",
+)
+@click.option(
+    "--atlas-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of TemplateFlow-style atlas files (tpl-<space>_res-<NN>_atlas-<A>_desc-<D>_dseg.nii.gz + labels .txt/.tsv).",
+)
+@click.option("-w", "--work-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder for the run settings and temporary files.")
+@click.option("--nprocs", type=click.IntRange(min=1), default=1, show_default=True, help="Masks processed in parallel.")
+@click.option("--skip-bids-validation", is_flag=True, help="Do not report file names the bids-validator package rejects.")
+@click.option("--overwrite", is_flag=True, help="Recompute masks whose outputs are already complete.")
+@click.option("-v", "--verbose", count=True, help="More log output (repeat for debug).")
+@click.option("-q", "--quiet", count=True, help="Less log output.")
+def run_command(bids_dir, output_dir, analysis_level, verbose, quiet, analyses, atlases, **options):
+    """Run the BIDS App: BIDS_DIR OUTPUT_DIR {participant,group}.
+
+    \b
+    participant  analyse each selected lesion mask and write its derivatives
+                 (masks with complete outputs are skipped unless --overwrite);
+    group        reduce the participant outputs in OUTPUT_DIR to group tables,
+                 lesion-overlap maps and a summary (never recomputes analyses).
+    """
+    _setup_logging(verbose, quiet)
+    canonical = {name.lower(): name for name in ANALYSES}
+    config = RunConfig(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=analysis_level,
+        analyses=tuple(dict.fromkeys(canonical[a.lower()] for a in analyses)) or ANALYSES,
+        atlases=tuple(dict.fromkeys(atlases)) or DEFAULT_ATLASES,
+        **options,
+    )
+    try:
+        if analysis_level == "participant":
+            _run_participant(config)
+        else:
+            _run_group(config)
+    except LacunaError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+def _run_participant(config: RunConfig) -> None:
+    from lacuna.cli.participant import run_participant
+    from lacuna.io.atomic import write_json
+
+    if config.work_dir:
+        write_json(config.work_dir / "lacuna_participant_config.json", config.to_dict())
+    summary = run_participant(config)
+    click.echo(summary.text())
+    if summary.failed:
+        sys.exit(1)
+
+
+def _run_group(config: RunConfig) -> None:
+    from lacuna.io.group import run_group
+
+    summary = run_group(config.output_dir)
+    click.echo(
+        messages.GROUP_SUMMARY.format(
+            n=len(summary.masks), incomplete=len(summary.incomplete), files=len(summary.written), path=config.output_dir
+        )
+    )
+
+
+@cli.group()
+def atlases():
+    """List, fetch and register parcellations."""
+
+
+@atlases.command("list")
+@click.option("--atlas-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Also list atlases in this folder.")
+def atlases_list(atlas_dir):
+    """List the parcellations Lacuna knows (catalogue, registered, --atlas-dir)."""
+    from lacuna.assets.parcellations import list_parcellations
+
+    for info in list_parcellations(atlas_dir=atlas_dir):
+        cached = "cached" if info.cached else "not cached"
+        click.echo(f"{info.name:45s} {info.space:22s} {info.source:10s} {cached}")
+
+
+@atlases.command("fetch")
+@click.argument("names", nargs=-1, required=True)
+@click.option("-v", "--verbose", count=True)
+def atlases_fetch(names, verbose):
+    """Download catalogue parcellations into the data cache (LACUNA_ATLAS_URL for a mirror)."""
+    from lacuna.assets.parcellations import get_parcellation
+
+    _setup_logging(verbose, 0)
+    try:
+        for name in names:
+            parcellation = get_parcellation(name)
+            click.echo(f"{name}: {parcellation.image_path}")
+    except LacunaError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@atlases.command("register")
+@click.argument("name")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labels file (names per line, 'id name' lines, or TSV with index/name).")
+@click.option("--space", required=True, type=click.Choice(["MNI152NLin6Asym", "MNI152NLin2009cAsym", "MNI152NLin2009aAsym"]))
+@click.option("--citation", default="", help="How to cite the atlas.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing registration of NAME.")
+def atlases_register(name, image, labels, space, citation, overwrite):
+    """Register your own parcellation IMAGE under NAME (<atlas> or <atlas>_<desc>)."""
+    from lacuna.assets.parcellations import register_parcellation
+
+    try:
+        parcellation = register_parcellation(name, image, labels, space=space, citation=citation, overwrite=overwrite)
+    except (LacunaError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"registered {parcellation.name} ({parcellation.space}): {parcellation.image_path}")
+
+
+@cli.command()
+@click.argument("derivatives_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def validate(derivatives_dir):
+    """Check a Lacuna derivatives folder against Lacuna's bundled schema."""
+    from lacuna.io.validation import validate_bids_derivatives
+
+    report = validate_bids_derivatives(derivatives_dir, raise_on_error=False)
+    for warning in report["warnings"]:
+        click.echo(f"warning: {warning}")
+    for error in report["errors"]:
+        click.echo(f"error: {error}")
+    click.echo(f"{len(report['errors'])} error(s), {len(report['warnings'])} warning(s)")
+    if report["errors"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--nprocs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("-v", "--verbose", count=True)
+@click.option("-q", "--quiet", count=True)
+def demo(out_dir, nprocs, verbose, quiet):
+    """Generate a small synthetic BIDS dataset in OUT_DIR and run Lacuna on it, offline.
+
+    Writes OUT_DIR/bids (synthetic lesions), OUT_DIR/atlases (a synthetic
+    parcellation, clearly named as such), and OUT_DIR/derivatives/lacuna, then runs
+    participant and group levels and validates the outputs.
+    """
+    from lacuna.cli.demo import run_demo
+
+    _setup_logging(verbose, quiet)
+    try:
+        report = run_demo(out_dir, nprocs=nprocs)
+    except LacunaError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(report)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
+    cli.main(args=args, prog_name="lacuna")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The participant level: analyse each selected mask and write its derivatives."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lacuna.analysis import Analysis, RegionalDamage
+from lacuna.cli import messages
+from lacuna.cli.config import MASK_SUFFIXES, RunConfig
+from lacuna.core.entities import parse_entities
+from lacuna.core.errors import BidsError
+from lacuna.core.provenance import ProvenanceStep
+from lacuna.core.subject import SubjectData
+from lacuna.io.atomic import remove_stale_temporaries
+from lacuna.io.bids import (
+    export_bids_derivatives,
+    find_mask_files,
+    initialise_derivatives,
+    outputs_complete,
+)
+from lacuna.io.naming import MaskOutputs
+
+log = logging.getLogger(__name__)
+
+RUN_STEP = "participant"
+
+
+@dataclass
+class MaskOutcome:
+    """What happened to one mask."""
+
+    path: Path
+    status: str  # "done", "skipped" or "failed"
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class ParticipantSummary:
+    """Outcomes of a participant-level run."""
+
+    outcomes: list[MaskOutcome] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+    @property
+    def failed(self) -> list[MaskOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def text(self) -> str:
+        """Human-readable summary printed at the end of the run."""
+        lines = [
+            messages.PARTICIPANT_SUMMARY.format(
+                total=len(self.outcomes),
+                done=self.count("done"),
+                skipped=self.count("skipped"),
+                failed=self.count("failed"),
+            )
+        ]
+        lines += [f"  FAILED {o.path.name}: {o.message}" for o in self.failed]
+        return "\n".join(lines)
+
+
+def check_bids_dataset(bids_dir: Path) -> None:
+    """Fail only on what makes the dataset unusable."""
+    if not bids_dir.is_dir():
+        raise BidsError(messages.NO_BIDS_DIR.format(path=bids_dir))
+    if not (bids_dir / "dataset_description.json").is_file():
+        raise BidsError(messages.NO_DESCRIPTION.format(path=bids_dir))
+    if not any(p.is_dir() and p.name.startswith("sub-") for p in bids_dir.iterdir()):
+        raise BidsError(messages.NO_SUBJECTS.format(path=bids_dir))
+
+
+def report_bids_validation(bids_dir: Path, skip: set[Path]) -> list[str]:
+    """Check file names with the ``bids-validator`` package; a report, never a gate.
+
+    Returns the relative paths it does not accept (lesion masks named like derivatives
+    usually are among them; that is expected and does not stop the run).
+    """
+    from bids_validator import BIDSValidator
+
+    validator = BIDSValidator()
+    rejected = []
+    for path in sorted(bids_dir.rglob("*")):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(bids_dir).parts):
+            continue
+        if any(parent in skip for parent in path.parents) or path.relative_to(bids_dir).parts[0] in (
+            "derivatives",
+            "sourcedata",
+            "code",
+        ):
+            continue
+        relative = "/" + path.relative_to(bids_dir).as_posix()
+        if not validator.is_bids(relative):
+            rejected.append(relative)
+    if rejected:
+        log.warning(messages.BIDS_VALIDATION_REPORT.format(n=len(rejected), examples=", ".join(rejected[:3])))
+    else:
+        log.info("bids-validator: all file names are valid BIDS")
+    return rejected
+
+
+def select_masks(config: RunConfig) -> list[Path]:
+    """Masks chosen by the participant, session and mask-label filters."""
+    exclude = [p for p in (config.output_dir, config.work_dir) if p]
+    paths = []
+    for suffix in MASK_SUFFIXES:
+        paths += find_mask_files(config.bids_dir, suffix=suffix, subjects=config.participant_labels or None, exclude=exclude)
+    selected = []
+    for path in sorted(set(paths)):
+        entities = parse_entities(path.name)
+        if config.session_labels and entities.get("ses") not in config.session_labels:
+            continue
+        if config.mask_labels and (entities.get("label") or entities.get("desc")) not in config.mask_labels:
+            continue
+        selected.append(path)
+    return selected
+
+
+def build_analyses(config: RunConfig) -> list[Analysis]:
+    """The configured analyses (parcellations resolved and fetched once)."""
+    analyses: list[Analysis] = []
+    for name in config.analyses:
+        if name == "RegionalDamage":
+            analyses.append(RegionalDamage(parcellations=list(config.atlases), atlas_dir=config.atlas_dir))
+        else:
+            raise ValueError(f"unknown analysis {name!r}")
+    return analyses
+
+
+def run_fingerprint(config: RunConfig, analyses: list[Analysis]) -> dict:
+    """What decides whether existing outputs are still valid for this run."""
+    return {
+        "mask_space": config.mask_space,
+        "analyses": [
+            {
+                "name": analysis.name,
+                "parameters": analysis.parameters(),
+                "inputs": {f.role: f.sha256 for f in analysis.input_files()},
+            }
+            for analysis in analyses
+        ],
+    }
+
+
+def process_mask(path: Path, config: RunConfig, analyses: list[Analysis], fingerprint: dict) -> MaskOutcome:
+    """Load, analyse and export one mask; every error is caught and reported."""
+    start = time.perf_counter()
+    try:
+        subject = SubjectData.from_nifti(path, space=config.mask_space)
+        if not subject.subject_id:
+            raise BidsError(f"{path}: no sub- entity in the file name")
+        subject.metadata["bids_relpath"] = path.relative_to(config.bids_dir).as_posix()
+        remove_stale_temporaries(config.output_dir / MaskOutputs.for_subject(subject).folder)
+        if not config.overwrite and outputs_complete(config.output_dir, subject, RUN_STEP, fingerprint):
+            return MaskOutcome(path, "skipped", messages.SKIPPED_COMPLETE, time.perf_counter() - start)
+        for analysis in analyses:
+            subject = analysis.run(subject)
+        step = ProvenanceStep(name=RUN_STEP, kind="run", parameters=fingerprint)
+        subject.provenance.append(step.finish())
+        export_bids_derivatives(subject, config.output_dir, overwrite=True)
+        return MaskOutcome(path, "done", "", time.perf_counter() - start)
+    except Exception as exc:  # isolate every failure to its mask
+        log.debug("failure on %s:\n%s", path, traceback.format_exc())
+        message = str(exc) if str(path) in str(exc) else f"{path.name}: {exc}"
+        return MaskOutcome(path, "failed", f"{type(exc).__name__}: {message}", time.perf_counter() - start)
+
+
+# Worker state for parallel runs: analyses are built once per process.
+_WORKER: dict = {}
+
+
+def _init_worker(config: RunConfig, log_level: int) -> None:
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    analyses = build_analyses(config)
+    _WORKER.update(config=config, analyses=analyses, fingerprint=run_fingerprint(config, analyses))
+
+
+def _worker_process(path: Path) -> MaskOutcome:
+    return process_mask(path, _WORKER["config"], _WORKER["analyses"], _WORKER["fingerprint"])
+
+
+def run_participant(config: RunConfig) -> ParticipantSummary:
+    """Run the participant level.
+
+    Raises
+    ------
+    BidsError
+        If the dataset is unusable or no mask is selected.
+    """
+    check_bids_dataset(config.bids_dir)
+    if not config.skip_bids_validation:
+        report_bids_validation(config.bids_dir, {p for p in (config.output_dir, config.work_dir) if p})
+    masks = select_masks(config)
+    if not masks:
+        raise BidsError(messages.NO_MASKS.format(path=config.bids_dir))
+    log.info("selected %d mask(s)", len(masks))
+    analyses = build_analyses(config)  # resolves (and downloads) atlases once, up front
+    fingerprint = run_fingerprint(config, analyses)
+    initialise_derivatives(config.output_dir, source_dir=config.bids_dir)
+    summary = ParticipantSummary()
+    masks, duplicates = _split_duplicate_outputs(masks)
+    summary.outcomes.extend(duplicates)
+    if config.nprocs <= 1 or len(masks) == 1:
+        for index, path in enumerate(masks, 1):
+            outcome = process_mask(path, config, analyses, fingerprint)
+            _log_outcome(index, len(masks), outcome)
+            summary.outcomes.append(outcome)
+        return summary
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        max_workers=min(config.nprocs, len(masks)),
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(config, logging.getLogger().getEffectiveLevel()),
+    ) as pool:
+        futures = {pool.submit(_worker_process, path): path for path in masks}
+        for index, future in enumerate(as_completed(futures), 1):
+            outcome = future.result()
+            _log_outcome(index, len(masks), outcome)
+            summary.outcomes.append(outcome)
+    summary.outcomes.sort(key=lambda o: str(o.path))
+    return summary
+
+
+def _output_key(path: Path) -> tuple:
+    entities = parse_entities(path.name)
+    label = entities.get("label") or entities.get("desc") or "lesion"
+    return tuple(entities.get(k) for k in ("sub", "ses", "acq", "run")) + (label,)
+
+
+def _split_duplicate_outputs(masks: list[Path]) -> tuple[list[Path], list[MaskOutcome]]:
+    """Masks with distinct outputs, and failures for those that would collide."""
+    first_seen: dict[tuple, Path] = {}
+    kept, failed = [], []
+    for path in masks:
+        other = first_seen.setdefault(_output_key(path), path)
+        if other is path:
+            kept.append(path)
+        else:
+            failed.append(MaskOutcome(path, "failed", messages.DUPLICATE_OUTPUT.format(path=path, other=other.name)))
+    return kept, failed
+
+
+def _log_outcome(index: int, total: int, outcome: MaskOutcome) -> None:
+    line = f"[{index}/{total}] {outcome.path.name}: {outcome.status} ({outcome.seconds:.1f} s)"
+    if outcome.status == "failed":
+        log.error("%s — %s", line, outcome.message)
+    elif outcome.status == "skipped":
+        log.info("%s — %s", line, outcome.message)
+    else:
+        log.info(line)

@@ -1,0 +1,42 @@
+"""The exception hierarchy of Lacuna.
+
+Every error Lacuna raises on purpose derives from :class:`LacunaError`, so callers
+(the BIDS App above all) can isolate one failing mask without hiding programming bugs.
+Messages name the file concerned and say how to fix the problem.
+"""
+
+
+class LacunaError(Exception):
+    """Base class of all errors raised by Lacuna."""
+
+
+class BidsError(LacunaError):
+    """Raised when BIDS dataset operations fail."""
+
+
+class ValidationError(LacunaError):
+    """Raised when an input (mask, atlas, parameter) is not acceptable."""
+
+
+class SpaceError(ValidationError):
+    """Raised for an unknown, unsupported or mismatched coordinate space."""
+
+
+class ParcellationError(LacunaError):
+    """Raised when a parcellation cannot be found, fetched or read."""
+
+
+class AnalysisError(LacunaError):
+    """Raised when an analysis cannot be computed for a subject."""
+
+
+class DownloadError(LacunaError):
+    """Raised when a download fails after its retries."""
+
+
+class AuthenticationError(DownloadError):
+    """Raised when a server refuses the credentials (HTTP 401/403) or none are given."""
+
+
+class ProcessingError(LacunaError):
+    """Raised when converting downloaded data fails."""

@@ -1,0 +1,108 @@
+"""Provenance: what was done to a subject, with which software, parameters and inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+
+from lacuna._version import __version__
+
+_HASH_BLOCK = 1 << 20
+
+
+def utc_now() -> str:
+    """Current time as an ISO 8601 UTC timestamp."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@lru_cache(maxsize=256)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file, cached per (path, size, modification time)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A file a step read, identified by path and checksum."""
+
+    role: str
+    path: str
+    sha256: str
+
+    @classmethod
+    def from_path(cls, role: str, path: str | Path) -> "InputFile":
+        """Describe ``path`` (hashing its content)."""
+        return cls(role=role, path=str(Path(path).resolve()), sha256=sha256_file(path))
+
+
+@lru_cache(maxsize=1)
+def software_versions() -> dict[str, str]:
+    """Versions of Lacuna, Python and the numerical libraries it relies on."""
+    import nibabel
+    import numpy
+    import pandas
+    import scipy
+
+    return {
+        "lacuna": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "nibabel": nibabel.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "pandas": pandas.__version__,
+    }
+
+
+@dataclass
+class ProvenanceStep:
+    """One processing step applied to a subject.
+
+    Attributes
+    ----------
+    name : str
+        Step name, e.g. ``"load"`` or an analysis class name.
+    kind : str
+        ``"input"``, ``"transform"`` or ``"analysis"``.
+    parameters : dict
+        Parameters of the step (JSON-serialisable; never secrets).
+    inputs : list of InputFile
+        Files read by the step, with checksums.
+    started, finished : str
+        ISO 8601 UTC timestamps.
+    notes : list of str
+        Warnings or remarks (e.g. resampling applied).
+    """
+
+    name: str
+    kind: str
+    parameters: dict = field(default_factory=dict)
+    inputs: list[InputFile] = field(default_factory=list)
+    started: str = field(default_factory=utc_now)
+    finished: str = ""
+    notes: list[str] = field(default_factory=list)
+    lacuna_version: str = __version__
+
+    def finish(self) -> "ProvenanceStep":
+        """Stamp the end time and return the step."""
+        self.finished = utc_now()
+        return self
+
+    def to_dict(self) -> dict:
+        """JSON-ready dictionary."""
+        return asdict(self)

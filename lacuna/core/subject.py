@@ -1,0 +1,284 @@
+"""SubjectData: one binary lesion mask in a template space, with its results."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from lacuna.core.entities import parse_entities, parse_resolution, read_sidecar
+from lacuna.core.errors import SpaceError, ValidationError
+from lacuna.core.provenance import InputFile, ProvenanceStep
+from lacuna.core.results import Result
+from lacuna.core.spaces import Grid, canonical_space, identify_standard_grid, standard_grids_text
+
+log = logging.getLogger(__name__)
+
+
+class SubjectData:
+    """A binary lesion mask in a known space, with metadata, results and provenance.
+
+    Parameters
+    ----------
+    mask_img : nibabel.Nifti1Image
+        3-D binary mask on a standard grid of ``space``.
+    space : str
+        Template space (``MNI152NLin6Asym`` or ``MNI152NLin2009cAsym``).
+    resolution : float, optional
+        Voxel size in mm; read from the header when omitted (the header always wins).
+    metadata : dict, optional
+        ``subject_id``, ``session_id``, ``label``, ``source_path`` and other entities.
+    anatomical_img : nibabel.Nifti1Image, optional
+        Anatomical image on the same grid, kept for :func:`lacuna.io.save_nifti`.
+
+    Raises
+    ------
+    ValidationError
+        If the mask is not 3-D, contains NaN, is not binary, is empty, or is not on a
+        standard grid of its space.
+    SpaceError
+        If the space is not supported.
+    """
+
+    def __init__(
+        self,
+        mask_img: nib.Nifti1Image,
+        space: str,
+        resolution: float | None = None,
+        metadata: dict | None = None,
+        anatomical_img: nib.Nifti1Image | None = None,
+    ):
+        self.metadata = dict(metadata or {})
+        source = self.metadata.get("source_path") or "in-memory mask"
+        self.space = canonical_space(space)
+        data = _checked_mask_data(np.asanyarray(mask_img.dataobj), source)
+        grid = Grid(data.shape, np.asarray(mask_img.affine, float))
+        header_resolution = identify_standard_grid(self.space, grid)
+        if header_resolution is None:
+            raise ValidationError(
+                f"{source}: the image grid ({grid.describe()}) is not a standard "
+                f"{self.space} grid ({standard_grids_text(self.space)}). The mask may be "
+                "mis-oriented or in another space: resample it onto the template grid, "
+                "or declare the space it really is in."
+            )
+        if resolution is not None and float(resolution) != header_resolution:
+            log.warning(
+                "%s: declared resolution %s mm disagrees with the image header (%s mm); "
+                "using the header",
+                source,
+                resolution,
+                header_resolution,
+            )
+        self.resolution = float(header_resolution)
+        self.mask_img = _binary_image(data, grid.affine)
+        self.anatomical_img = anatomical_img
+        self.results: dict[str, dict[str, Result]] = {}
+        self.provenance: list[ProvenanceStep] = []
+
+    @classmethod
+    def from_nifti(
+        cls,
+        path: str | Path,
+        space: str | None = None,
+        resolution: float | None = None,
+        metadata: dict | None = None,
+    ) -> "SubjectData":
+        """Load a lesion mask from a NIfTI file.
+
+        Parameters
+        ----------
+        path : str or Path
+            ``.nii`` or ``.nii.gz`` file.
+        space : str, optional
+            Template space; else the ``space-`` entity of the file name, else the
+            ``SpatialReference``/``Space`` key of the JSON sidecar.
+        resolution : float, optional
+            Declared resolution in mm (the header wins on disagreement).
+        metadata : dict, optional
+            Overrides for metadata derived from the file name entities.
+
+        Returns
+        -------
+        SubjectData
+
+        Raises
+        ------
+        FileNotFoundError
+            If the file does not exist.
+        ValidationError
+            If the file is unreadable or not a valid binary 3-D mask.
+        SpaceError
+            If no supported space is declared.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"lesion mask not found: {path}")
+        entities = parse_entities(path.name)
+        sidecar = _read_sidecar_checked(path)
+        if space is None:
+            space = entities.get("space") or sidecar.get("SpatialReference") or sidecar.get("Space")
+        if not space:
+            raise SpaceError(
+                f"{path}: no coordinate space declared; add a space- entity to the file "
+                "name, a 'SpatialReference' key to its JSON sidecar, or pass the space "
+                "explicitly (--mask-space)"
+            )
+        if not isinstance(space, str):
+            raise SpaceError(f"{path}: the sidecar's space {space!r} is not a space name")
+        try:
+            space = canonical_space(space)
+        except SpaceError as exc:
+            raise SpaceError(f"{path}: {exc}") from None
+        if resolution is None:
+            resolution = parse_resolution(entities.get("res")) or parse_resolution(
+                sidecar.get("Resolution")
+            )
+        img = _load_image(path)
+        info = _metadata_from_entities(entities, path)
+        info.update(metadata or {})
+        subject = cls(img, space=space, resolution=resolution, metadata=info)
+        step = ProvenanceStep(
+            name="load",
+            kind="input",
+            parameters={"space": subject.space, "resolution": subject.resolution},
+            inputs=[InputFile.from_path("lesion_mask", path)],
+        )
+        subject.provenance.append(step.finish())
+        return subject
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The mask as a boolean array."""
+        return np.asanyarray(self.mask_img.dataobj).astype(bool)
+
+    @property
+    def grid(self) -> Grid:
+        """Voxel grid of the mask."""
+        return Grid.of(self.mask_img)
+
+    @property
+    def affine(self) -> np.ndarray:
+        """Voxel-to-mm affine of the mask."""
+        return np.asarray(self.mask_img.affine, float)
+
+    @property
+    def n_voxels(self) -> int:
+        """Number of lesioned voxels."""
+        return int(np.count_nonzero(np.asanyarray(self.mask_img.dataobj)))
+
+    def get_volume_mm3(self) -> float:
+        """Lesion volume in mm^3 (voxel count times voxel volume)."""
+        return self.n_voxels * self.grid.voxel_volume_mm3
+
+    @property
+    def subject_id(self) -> str | None:
+        """Subject label without ``sub-``."""
+        return self.metadata.get("subject_id")
+
+    @property
+    def session_id(self) -> str | None:
+        """Session label without ``ses-``, if any."""
+        return self.metadata.get("session_id")
+
+    @property
+    def label(self) -> str:
+        """Mask label (the ``label-`` entity), ``"lesion"`` by default."""
+        return self.metadata.get("label") or "lesion"
+
+    def with_results(
+        self, analysis_name: str, results: dict[str, Result], step: ProvenanceStep
+    ) -> "SubjectData":
+        """A copy of this subject with ``results`` added under ``analysis_name``."""
+        new = copy.copy(self)
+        new.metadata = dict(self.metadata)
+        new.results = {name: dict(values) for name, values in self.results.items()}
+        new.results.setdefault(analysis_name, {}).update(results)
+        new.provenance = [*self.provenance, step]
+        return new
+
+    def __repr__(self) -> str:
+        who = "_".join(
+            f"{key}-{value}"
+            for key, value in (
+                ("sub", self.subject_id),
+                ("ses", self.session_id),
+                ("label", self.label),
+            )
+            if value
+        )
+        return (
+            f"SubjectData({who or 'unnamed'}, space={self.space}, "
+            f"res={self.resolution:g}mm, voxels={self.n_voxels}, analyses={list(self.results)})"
+        )
+
+
+def _load_image(path: Path) -> nib.Nifti1Image:
+    try:
+        img = nib.load(str(path))
+        # Force reading the data now, so truncated or corrupt files fail here.
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise ValidationError(
+            f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc}); check that the "
+            "file is a complete .nii/.nii.gz image and re-export it if not"
+        ) from None
+    return nib.Nifti1Image(data, img.affine, img.header)
+
+
+def _read_sidecar_checked(path: Path) -> dict:
+    try:
+        return read_sidecar(path)
+    except (OSError, ValueError) as exc:
+        raise ValidationError(f"{path}: its JSON sidecar cannot be read ({exc}); fix or remove it") from None
+
+
+def _checked_mask_data(data: np.ndarray, source: str) -> np.ndarray:
+    """Validate a mask array and return it as uint8 0/1; messages name ``source``."""
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValidationError(
+            f"{source}: a lesion mask must be one 3-D volume, got shape {data.shape}; "
+            "split 4-D files into one mask per volume"
+        )
+    if np.issubdtype(data.dtype, np.floating):
+        n_nan = int(np.count_nonzero(~np.isfinite(data)))
+        if n_nan:
+            raise ValidationError(
+                f"{source}: contains {n_nan} NaN/infinite voxels; a lesion mask must hold "
+                "only 0 and 1 (replace NaN with 0)"
+            )
+    values = np.unique(data)
+    if not np.all(np.isin(values, (0, 1))):
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+        raise ValidationError(
+            f"{source}: the mask is not binary (values {shown}); binarise it (e.g. "
+            "threshold a probabilistic mask at 0.5) so that it holds only 0 and 1"
+        )
+    if not np.any(values == 1):
+        raise ValidationError(f"{source}: the mask is empty (no voxel is 1); check the file")
+    return (data == 1).astype(np.uint8)
+
+
+def _binary_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(data.astype(np.uint8), affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=4)
+    img.set_sform(affine, code=4)
+    return img
+
+
+def _metadata_from_entities(entities: dict[str, str], path: Path) -> dict:
+    info = {
+        "subject_id": entities.get("sub"),
+        "session_id": entities.get("ses"),
+        "label": entities.get("label") or entities.get("desc"),
+        "source_path": str(path.resolve()),
+    }
+    for key in ("acq", "run"):
+        if key in entities:
+            info[key] = entities[key]
+    return info

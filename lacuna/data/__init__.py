@@ -1,0 +1,1 @@
+"""Package data: the JSON schema of what Lacuna writes."""

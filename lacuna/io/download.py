@@ -1,0 +1,306 @@
+"""Robust HTTP downloads: resume, retries with backoff, checksum, atomic rename.
+
+:func:`download_file` is the single way Lacuna fetches a file over HTTP(S), from a
+small atlas to a 100 GB connectome. It
+
+* streams into ``<dest>.part`` and renames that to ``dest`` only once it is complete
+  (and its MD5 matches, when one is given), so ``dest`` is never half-written;
+* resumes an existing ``.part`` with an HTTP ``Range`` request (206: append; 200: the
+  server ignored the range, start again from zero; 416: the part is already complete);
+* retries connection errors, time-outs, truncated bodies, HTTP 429 and 5xx with
+  exponential backoff (``backoff * 2**attempt`` seconds), but never 401/403 (raised as
+  :class:`~lacuna.core.errors.AuthenticationError`), 404 or other 4xx;
+* never writes header values (API keys) into messages, logs or exceptions, shows URLs
+  without their query string (which may carry tokens), and drops the caller's headers
+  when a redirect leads to another host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+import urllib3
+
+from lacuna.core.errors import AuthenticationError, DownloadError
+
+log = logging.getLogger(__name__)
+
+_HASH_BLOCK = 1 << 20
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
+_RETRY_STATUS = {408, 429}
+
+#: Network failures worth another attempt (not programming or file-system errors).
+_TRANSIENT_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+    urllib3.exceptions.HTTPError,
+)
+
+ProgressCallback = Callable[[int, "int | None"], None]
+
+
+class _TransientError(Exception):
+    """A failure of one attempt that a later attempt may not meet."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user info, query string or fragment (which may carry secrets)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    query = "..." if parts.query else ""
+    return urlunsplit((parts.scheme, host, parts.path, query, ""))
+
+
+def md5_file(path: str | Path) -> str:
+    """Hexadecimal MD5 of a file's content."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def part_path(dest: str | Path) -> Path:
+    """The partial file a download of ``dest`` is written to."""
+    dest = Path(dest)
+    return dest.with_name(dest.name + ".part")
+
+
+def download_file(
+    url: str,
+    dest: str | Path,
+    *,
+    headers: Mapping[str, str] | None = None,
+    expected_md5: str | None = None,
+    expected_size: int | None = None,
+    retries: int = 4,
+    backoff: float = 1.0,
+    timeout: float = 60,
+    progress: ProgressCallback | None = None,
+    chunk_size: int = 1 << 20,
+) -> Path:
+    """Download ``url`` to ``dest``, resuming, retrying and verifying as needed.
+
+    Parameters
+    ----------
+    url : str
+        HTTP(S) address; redirects are followed.
+    dest : str or Path
+        Final path. Its directory is created. An existing file is replaced.
+    headers : mapping, optional
+        Extra request headers (e.g. an API key). Their values are never logged, and they
+        are not sent on to another host after a redirect.
+    expected_md5 : str, optional
+        Hexadecimal MD5 the file must have; on mismatch the file is deleted.
+    expected_size : int, optional
+        Size in bytes the file must have; also the progress total when the server
+        does not announce one.
+    retries : int
+        Further attempts after the first on transient failures.
+    backoff : float
+        Seconds before the first retry; doubled for each later one.
+    timeout : float
+        Seconds to wait for the connection and for each read.
+    progress : callable, optional
+        Called as ``progress(bytes_done, bytes_total)`` while downloading;
+        ``bytes_total`` is None when unknown.
+    chunk_size : int
+        Bytes read per chunk.
+
+    Returns
+    -------
+    Path
+        ``dest``.
+
+    Raises
+    ------
+    AuthenticationError
+        If the server refuses the credentials (HTTP 401/403).
+    DownloadError
+        On 404 or another client error, on a checksum or size mismatch, or when all
+        attempts failed.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = part_path(dest)
+    shown = redact_url(url)
+    with _HeaderStrippingSession(set(headers or ())) as session:
+        for attempt in range(retries + 1):
+            try:
+                _fetch(session, url, part, headers, timeout, chunk_size, progress, expected_size)
+                break
+            except _TransientError as exc:
+                if attempt == retries:
+                    raise DownloadError(
+                        f"could not download {shown} after {retries + 1} attempts "
+                        f"(last error: {exc}). Check the network connection and try "
+                        f"again; what was received is kept in {part} and resumed next time."
+                    ) from None
+                delay = backoff * 2**attempt
+                log.warning("download of %s failed (%s); retrying in %g s", shown, exc, delay)
+                time.sleep(delay)
+    _verify(part, shown, expected_md5, expected_size)
+    os.replace(part, dest)
+    log.debug("downloaded %s to %s", shown, dest)
+    return dest
+
+
+class _HeaderStrippingSession(requests.Session):
+    """A session that drops the caller's headers when a redirect changes host."""
+
+    def __init__(self, private_headers: set[str]):
+        super().__init__()
+        self._private = {name.lower() for name in private_headers}
+
+    def rebuild_auth(self, prepared_request, response):
+        """Strip credentials on a redirect to another host (requests hook)."""
+        super().rebuild_auth(prepared_request, response)
+        if self.should_strip_auth(response.request.url, prepared_request.url):
+            for name in list(prepared_request.headers):
+                if name.lower() in self._private:
+                    del prepared_request.headers[name]
+
+
+def _fetch(
+    session: requests.Session,
+    url: str,
+    part: Path,
+    headers: Mapping[str, str] | None,
+    timeout: float,
+    chunk_size: int,
+    progress: ProgressCallback | None,
+    expected_size: int | None,
+) -> None:
+    """One attempt: bring ``part`` up to the full file, or raise."""
+    shown = redact_url(url)
+    offset = part.stat().st_size if part.exists() else 0
+    request_headers = {"Accept-Encoding": "identity", **dict(headers or {})}
+    if offset:
+        request_headers["Range"] = f"bytes={offset}-"
+    try:
+        with session.get(url, headers=request_headers, stream=True, timeout=timeout) as resp:
+            start, total = _check_response(resp, shown, offset, part)
+            if start is None:
+                return
+            _write_body(resp, part, start, total or expected_size, chunk_size, progress)
+    except requests.exceptions.SSLError as exc:
+        raise DownloadError(
+            f"secure connection to {shown} failed ({_describe(exc)}). Check the system "
+            "clock and CA certificates (REQUESTS_CA_BUNDLE for a custom bundle)."
+        ) from None
+    except _TRANSIENT_ERRORS as exc:
+        raise _TransientError(_describe(exc)) from None
+    except requests.RequestException as exc:
+        raise DownloadError(f"cannot download {shown}: {_describe(exc)}") from None
+
+
+def _check_response(
+    resp: requests.Response, shown: str, offset: int, part: Path
+) -> tuple[int | None, int | None]:
+    """Classify a response: ``(start offset, total size)``, or ``(None, None)`` when the
+    part is already complete. Raises the final or transient error otherwise."""
+    status = resp.status_code
+    if status in (401, 403):
+        raise AuthenticationError(
+            f"the server refused the credentials for {shown} (HTTP {status}). Check the "
+            "API key: supply a valid key for this server (or one at all, if the file "
+            "needs it) and make sure it grants access to this file."
+        )
+    if status == 404:
+        raise DownloadError(f"{shown} was not found on the server (HTTP 404); check the URL.")
+    if status == 416 and offset:
+        total = _content_range_total(resp.headers.get("Content-Range", ""))
+        if total is None or total == offset:
+            return None, None
+        part.unlink(missing_ok=True)
+        raise _TransientError(f"partial file of {offset} bytes does not fit a {total}-byte file")
+    if status >= 500 or status in _RETRY_STATUS:
+        raise _TransientError(f"HTTP {status}")
+    if status >= 400 or status not in (200, 206):
+        raise DownloadError(
+            f"the server answered HTTP {status} for {shown}; check the URL and the "
+            "access rights to the file."
+        )
+    if status == 206:
+        match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+        if not match or int(match.group(1)) != offset:
+            part.unlink(missing_ok=True)
+            raise _TransientError("server sent an unexpected byte range; starting again")
+        total = None if match.group(3) == "*" else int(match.group(3))
+        return offset, total
+    if offset:
+        log.debug("server ignored the range request for %s; starting from zero", shown)
+    length = resp.headers.get("Content-Length")
+    return 0, int(length) if length and length.isdigit() else None
+
+
+def _content_range_total(value: str) -> int | None:
+    """Total size from a ``Content-Range`` header (``bytes */N`` or ``bytes a-b/N``)."""
+    match = re.search(r"/(\d+)\s*$", value)
+    return int(match.group(1)) if match else None
+
+
+def _write_body(
+    resp: requests.Response,
+    part: Path,
+    start: int,
+    total: int | None,
+    chunk_size: int,
+    progress: ProgressCallback | None,
+) -> None:
+    """Append (``start > 0``) or write the body to ``part``; raise if it ends early."""
+    done = start
+    with open(part, "ab" if start else "wb") as handle:
+        if progress:
+            progress(done, total)
+        for chunk in resp.raw.stream(chunk_size, decode_content=False):
+            handle.write(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+    if total is not None and done < total:
+        raise _TransientError(f"connection closed after {done} of {total} bytes")
+
+
+def _verify(part: Path, shown: str, expected_md5: str | None, expected_size: int | None) -> None:
+    """Check size and MD5 of the finished part; delete it and raise on mismatch."""
+    if expected_size is not None:
+        size = part.stat().st_size
+        if size != expected_size:
+            part.unlink(missing_ok=True)
+            raise DownloadError(
+                f"{shown}: downloaded {size} bytes but expected {expected_size}; the file "
+                "was deleted. Try again; if it persists the source has changed."
+            )
+    if expected_md5 is not None:
+        got = md5_file(part)
+        if got.lower() != expected_md5.strip().lower():
+            part.unlink(missing_ok=True)
+            raise DownloadError(
+                f"{shown}: MD5 checksum mismatch (expected {expected_md5}, got {got}); the "
+                "file was deleted. Try again; if it persists the source has changed."
+            )
+
+
+_QUERY = re.compile(r"\?[^\s'\")]*")
+
+
+def _describe(exc: BaseException) -> str:
+    """Short description of a network error, without query strings (tokens)."""
+    name = type(exc).__name__
+    reason = _QUERY.sub("?...", str(exc).split("\n", 1)[0])
+    return f"{name}: {reason[:300]}" if reason else name

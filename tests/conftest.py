@@ -1,0 +1,75 @@
+"""Shared fixtures: real atlases from ../shared, an isolated data cache, mask writers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lacuna.core.spaces import Grid, standard_grid
+
+SHARED_ATLASES = Path(__file__).resolve().parents[2] / "shared" / "data" / "atlases"
+
+
+@pytest.fixture(autouse=True)
+def isolated_data_dir(tmp_path_factory, monkeypatch):
+    """Every test gets its own empty data cache; no test sees the user's cache."""
+    cache = tmp_path_factory.mktemp("lacuna_cache")
+    monkeypatch.setenv("LACUNA_DATA_DIR", str(cache))
+    monkeypatch.delenv("LACUNA_ATLAS_URL", raising=False)
+    try:
+        from lacuna.assets.parcellations import clear_parcellation_cache
+
+        clear_parcellation_cache()
+    except ImportError:
+        pass
+    return cache
+
+
+@pytest.fixture(scope="session")
+def shared_atlases() -> Path:
+    """Folder of real public atlases (Schaefer 2018, Tian, HCP1065)."""
+    if not SHARED_ATLASES.is_dir():
+        pytest.skip("../shared/data/atlases not available")
+    return SHARED_ATLASES
+
+
+def save_mask(path: Path, data: np.ndarray, affine: np.ndarray, sidecar: dict | None = None) -> Path:
+    """Write a mask NIfTI (and optional JSON sidecar) creating folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, path)
+    if sidecar is not None:
+        path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar))
+    return path
+
+
+def sphere(grid: Grid, centre_mm, radius_mm) -> np.ndarray:
+    """uint8 sphere of voxel centres within ``radius_mm`` of ``centre_mm`` (plain numpy)."""
+    ijk = np.indices(grid.shape).reshape(3, -1).T
+    xyz = ijk @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+    inside = np.linalg.norm(xyz - np.asarray(centre_mm, float), axis=1) <= radius_mm
+    return inside.reshape(grid.shape).astype(np.uint8)
+
+
+@pytest.fixture
+def grid_1mm() -> Grid:
+    return standard_grid("MNI152NLin6Asym", 1)
+
+
+@pytest.fixture
+def grid_2mm() -> Grid:
+    return standard_grid("MNI152NLin6Asym", 2)
+
+
+def write_bids_dataset(root: Path, masks: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """A minimal BIDS dataset: ``masks`` maps relative paths to (data, affine)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "test", "BIDSVersion": "1.10.0"}))
+    for relative, (data, affine) in masks.items():
+        save_mask(root / relative, data, affine)
+    return root
