@@ -90,6 +90,7 @@ class ParcellationImage:
         Parcellation name.
     data : ndarray
         3-D ``int32`` labels, or 4-D maps (one volume per region) in their stored type.
+        Read-only: loaded parcellations are cached and shared, so copy before changing.
     scale : float
         Factor turning 4-D ``data`` into probabilities in [0, 1] (1.0 for 3-D).
     affine : ndarray (4, 4)
@@ -109,6 +110,9 @@ class ParcellationImage:
     region_ids: list[int]
     region_names: list[str]
     probabilistic: bool
+
+    def __post_init__(self):
+        self.data.flags.writeable = False
 
     @property
     def grid(self) -> Grid:
