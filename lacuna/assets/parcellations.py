@@ -31,16 +31,12 @@ Reading rules (:func:`read_parcellation`)
 from __future__ import annotations
 
 import difflib
-import fcntl
 import gzip
-import json
 import logging
 import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +47,8 @@ from lacuna.core.entities import parse_entities, strip_extension
 from lacuna.core.errors import DownloadError, ParcellationError, SpaceError
 from lacuna.core.provenance import utc_now
 from lacuna.core.spaces import EQUIVALENT_SPACES, SUPPORTED_SPACES, Grid, canonical_space
-from lacuna.io.cache import atomic_write_text, get_data_dir
+from lacuna.assets.registry import JsonRegistry, file_lock
+from lacuna.io.cache import get_data_dir
 from lacuna.io.download import download_file, redact_url
 
 log = logging.getLogger(__name__)
@@ -754,7 +751,7 @@ def fetch_parcellation(entry: CatalogueEntry) -> Parcellation:
         return cached
     folder = atlas_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    with _file_lock(get_data_dir() / ".atlas-download.lock"):
+    with file_lock(get_data_dir() / ".atlas-download.lock"):
         cached = _cached_catalogue(entry)  # another process may have fetched it meanwhile
         if cached is not None:
             return cached
@@ -829,54 +826,18 @@ def _validate_download(entry: CatalogueEntry, image: Path, labels: Path, url: st
 # --------------------------------------------------------------------------------------
 
 
+_REGISTRY = JsonRegistry(REGISTRY_FILENAME, "parcellations", ParcellationError, version=_REGISTRY_VERSION)
+
+
 def registry_path() -> Path:
     """The JSON file holding registered parcellations."""
-    return get_data_dir() / REGISTRY_FILENAME
-
-
-@contextmanager
-def _file_lock(lock_path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (``flock``) on ``lock_path``, across processes."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _read_registry(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        return {}
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-        entries = content["parcellations"]
-        if not isinstance(entries, dict):
-            raise TypeError("'parcellations' is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ParcellationError(
-            f"the parcellation registry {path} is unreadable ({exc}). Repair the JSON, or "
-            "delete the file and register the parcellations again."
-        ) from None
-    return entries
-
-
-@contextmanager
-def _editing_registry() -> Iterator[dict[str, dict]]:
-    """The registry entries, locked; written back atomically when the block succeeds."""
-    path = registry_path()
-    with _file_lock(path.with_name(path.name + ".lock")):
-        entries = _read_registry(path)
-        yield entries
-        content = {"version": _REGISTRY_VERSION, "parcellations": entries}
-        atomic_write_text(path, json.dumps(content, indent=2, sort_keys=True) + "\n")
+    return _REGISTRY.path
 
 
 def registered_parcellations() -> dict[str, Parcellation]:
     """Parcellations registered by the user, by name (read from disk on every call)."""
     path = registry_path()
-    entries = _read_registry(path)
+    entries = _REGISTRY.read()
     return {name: _from_entry(path, name, entry) for name, entry in sorted(entries.items())}
 
 
@@ -886,8 +847,8 @@ def _from_entry(path: Path, name: str, entry: dict) -> Parcellation:
         return _intern(
             Parcellation(
                 name=name,
-                image_path=Path(entry["image_path"]),
-                labels_path=Path(labels) if labels else None,
+                image_path=JsonRegistry.resolve_path(entry["image_path"]),
+                labels_path=JsonRegistry.resolve_path(labels) if labels else None,
                 space=entry["space"],
                 citation=entry.get("citation", ""),
             )
@@ -966,12 +927,12 @@ def register_parcellation(
         raise ParcellationError(f"labels file {labels_path} does not exist; check the path.")
     parcellation = Parcellation(name, image_path, labels_path, space, citation)
     parcellation.load()  # validates image and labels
-    with _editing_registry() as entries:
+    with _REGISTRY.editing() as entries:
         if not overwrite:
             _refuse_shadowing(name, entries)
         entries[name] = {
-            "image_path": str(image_path),
-            "labels_path": str(labels_path) if labels_path else None,
+            "image_path": JsonRegistry.store_path(image_path),
+            "labels_path": JsonRegistry.store_path(labels_path) if labels_path else None,
             "space": space,
             "citation": citation,
             "registered": utc_now(),
@@ -1015,7 +976,7 @@ def unregister_parcellation(name: str) -> None:
     ParcellationError
         If no parcellation of that name is registered.
     """
-    with _editing_registry() as entries:
+    with _REGISTRY.editing() as entries:
         if name not in entries:
             known = ", ".join(sorted(entries)) or "none"
             raise ParcellationError(

@@ -14,11 +14,11 @@ import nibabel as nib
 import pandas as pd
 
 from lacuna._version import __version__
-from lacuna.core.entities import parse_entities, parse_resolution, read_sidecar
+from lacuna.core.entities import parse_entities, read_sidecar
 from lacuna.core.errors import BidsError, LacunaError
 from lacuna.core.provenance import sha256_file, software_versions, utc_now
 from lacuna.core.results import ConnectivityMatrix, ParcelData, ScalarMetric, VoxelMap, write_tsv
-from lacuna.core.spaces import SUPPORTED_SPACES, canonical_space
+from lacuna.core.spaces import SUPPORTED_SPACES
 from lacuna.core.subject import SubjectData
 from lacuna.io.atomic import atomic_path, write_json
 from lacuna.io.naming import BIDSIGNORE_PATTERNS, MaskOutputs, format_resolution, sidecar_of

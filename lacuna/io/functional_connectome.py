@@ -1,0 +1,254 @@
+"""Reading functional connectomes stored in Lacuna's HDF5 layout.
+
+A connectome is one ``.h5`` file or a folder of batch files, each self-contained:
+
+==================  ========================================================================
+``timeseries``      dataset (n_subjects, n_timepoints, n_voxels), float32 or float16, raw
+                    (not demeaned or normalised), HDF5-chunked (1, n_timepoints, n_voxels)
+``mask_indices``    dataset (3, n_voxels), integer voxel indices (i, j, k) of the brain mask,
+                    in the voxel order of ``timeseries``
+``mask_affine``     dataset (4, 4), voxel-to-mm affine of the mask grid
+``mask_shape``      attribute, the 3-D shape of the mask grid
+``space``           attribute, template space (e.g. ``MNI152NLin6Asym``)
+``resolution``      attribute, voxel size in mm
+``format_version``  attribute, layout version (:data:`FORMAT_VERSION`)
+==================  ========================================================================
+
+Subjects are read one at a time (one HDF5 chunk each), never the whole file, with the
+next subject read in a background thread while the current one is processed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from lacuna.core.errors import ValidationError
+from lacuna.core.spaces import Grid, canonical_space
+
+FORMAT_VERSION = "1.0"
+_REQUIRED_DATASETS = ("timeseries", "mask_indices", "mask_affine")
+_REQUIRED_ATTRIBUTES = ("mask_shape", "space", "resolution")
+
+
+class ConnectomeFormatError(ValidationError):
+    """A connectome file does not follow Lacuna's HDF5 layout."""
+
+
+@dataclass(frozen=True)
+class BatchFile:
+    """One self-contained HDF5 file of a connectome."""
+
+    path: Path
+    n_subjects: int
+    n_timepoints: int
+    dtype: np.dtype
+
+
+@dataclass
+class FunctionalConnectome:
+    """A functional connectome: batch files sharing one brain mask.
+
+    Attributes
+    ----------
+    name : str
+        Registered name or file stem.
+    files : list of BatchFile
+        Batch files in reading order (sorted by file name).
+    mask_indices : ndarray (3, n_voxels)
+        Voxel indices of the brain mask, in timeseries order.
+    mask_affine : ndarray (4, 4)
+        Affine of the mask grid.
+    mask_shape : tuple of int
+        Shape of the mask grid.
+    space : str
+        Template space.
+    resolution : float
+        Voxel size in mm.
+    """
+
+    name: str
+    files: list[BatchFile]
+    mask_indices: np.ndarray
+    mask_affine: np.ndarray
+    mask_shape: tuple[int, int, int]
+    space: str
+    resolution: float
+
+    @classmethod
+    def open(cls, path: str | Path, name: str | None = None) -> "FunctionalConnectome":
+        """Open and check a connectome file or folder of batch files.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the path does not exist or a folder holds no ``.h5`` file.
+        ConnectomeFormatError
+            If a file misses a dataset or attribute, or batch files disagree.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"functional connectome not found: {path}")
+        paths = sorted(path.glob("*.h5")) if path.is_dir() else [path]
+        if not paths:
+            raise FileNotFoundError(f"no .h5 batch files in {path}")
+        first = _read_header(paths[0])
+        files = [first["file"]]
+        for other_path in paths[1:]:
+            other = _read_header(other_path)
+            _check_same_mask(first, other)
+            files.append(other["file"])
+        return cls(
+            name=name or (path.name if path.is_dir() else path.stem),
+            files=files,
+            mask_indices=first["mask_indices"],
+            mask_affine=first["mask_affine"],
+            mask_shape=first["mask_shape"],
+            space=first["space"],
+            resolution=first["resolution"],
+        )
+
+    @property
+    def n_subjects(self) -> int:
+        """Total number of subjects over all batch files."""
+        return sum(f.n_subjects for f in self.files)
+
+    @property
+    def n_voxels(self) -> int:
+        """Number of brain-mask voxels."""
+        return int(self.mask_indices.shape[1])
+
+    @property
+    def grid(self) -> Grid:
+        """Voxel grid of the brain mask."""
+        return Grid(self.mask_shape, self.mask_affine)
+
+    def mask_volume(self) -> np.ndarray:
+        """The brain mask as a boolean volume."""
+        volume = np.zeros(self.mask_shape, dtype=bool)
+        volume[tuple(self.mask_indices)] = True
+        return volume
+
+    def voxel_lookup(self) -> np.ndarray:
+        """Volume of column indices into the timeseries (-1 outside the mask)."""
+        lookup = np.full(self.mask_shape, -1, dtype=np.int64)
+        lookup[tuple(self.mask_indices)] = np.arange(self.n_voxels)
+        return lookup
+
+    def to_volume(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """Scatter per-voxel ``values`` (..., n_voxels) into volumes (..., X, Y, Z)."""
+        volume = np.full(values.shape[:-1] + tuple(self.mask_shape), fill, dtype=np.float32)
+        volume[(...,) + tuple(self.mask_indices)] = values
+        return volume
+
+    def iter_subjects(self, prefetch: int = 2) -> Iterator[np.ndarray]:
+        """Yield each subject's raw timeseries (n_timepoints, n_voxels), in order.
+
+        A background thread reads up to ``prefetch`` subjects ahead, so reading the next
+        subject overlaps with processing the current one. Arrays keep their stored type.
+        """
+        buffer: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        stop = threading.Event()
+
+        def read_all() -> None:
+            try:
+                for batch in self.files:
+                    with h5py.File(batch.path, "r") as handle:
+                        dataset = handle["timeseries"]
+                        for index in range(batch.n_subjects):
+                            if stop.is_set():
+                                return
+                            buffer.put(dataset[index])
+                buffer.put(None)
+            except BaseException as exc:  # handed to the consumer
+                buffer.put(exc)
+
+        reader = threading.Thread(target=read_all, name="connectome-reader", daemon=True)
+        reader.start()
+        try:
+            while True:
+                item = buffer.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise ConnectomeFormatError(f"reading {self.name} failed: {item}") from item
+                yield item
+        finally:
+            stop.set()
+            while reader.is_alive():
+                try:
+                    buffer.get_nowait()
+                except queue.Empty:
+                    reader.join(timeout=0.05)
+
+
+def _read_header(path: Path) -> dict:
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise ConnectomeFormatError(f"{path}: not a readable HDF5 file ({exc})") from None
+    with handle:
+        missing = [d for d in _REQUIRED_DATASETS if d not in handle]
+        missing += [f"attribute {a}" for a in _REQUIRED_ATTRIBUTES if a not in handle.attrs]
+        if missing:
+            raise ConnectomeFormatError(
+                f"{path}: not a Lacuna functional connectome, missing {', '.join(missing)}; "
+                "convert the data with lacuna.io.gsp1000_to_hdf5 or write that layout"
+            )
+        timeseries = handle["timeseries"]
+        indices = np.asarray(handle["mask_indices"][()], dtype=np.int64)
+        affine = np.asarray(handle["mask_affine"][()], dtype=float)
+        shape = tuple(int(n) for n in handle.attrs["mask_shape"])
+        if timeseries.ndim != 3:
+            raise ConnectomeFormatError(f"{path}: timeseries must be 3-D (subjects, timepoints, voxels)")
+        if indices.ndim != 2 or indices.shape[0] != 3 or indices.shape[1] != timeseries.shape[2]:
+            raise ConnectomeFormatError(
+                f"{path}: mask_indices has shape {indices.shape}, expected (3, {timeseries.shape[2]})"
+            )
+        if affine.shape != (4, 4) or len(shape) != 3:
+            raise ConnectomeFormatError(f"{path}: mask_affine must be 4x4 and mask_shape 3 numbers")
+        if indices.size and (indices.min() < 0 or np.any(indices.max(axis=1) >= shape)):
+            raise ConnectomeFormatError(f"{path}: mask_indices fall outside mask_shape {shape}")
+        if timeseries.dtype not in (np.float32, np.float16):
+            raise ConnectomeFormatError(f"{path}: timeseries must be float32 or float16, not {timeseries.dtype}")
+        if timeseries.shape[1] < 3:
+            raise ConnectomeFormatError(f"{path}: at least 3 timepoints are needed per subject")
+        space = _text(handle.attrs["space"])
+        try:
+            canonical_space(space)
+        except ValidationError as exc:
+            raise ConnectomeFormatError(f"{path}: {exc}") from None
+        return {
+            "file": BatchFile(path, int(timeseries.shape[0]), int(timeseries.shape[1]), timeseries.dtype),
+            "mask_indices": indices,
+            "mask_affine": affine,
+            "mask_shape": shape,
+            "space": space,
+            "resolution": float(handle.attrs["resolution"]),
+        }
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _check_same_mask(first: dict, other: dict) -> None:
+    a, b = first["file"].path, other["file"].path
+    if first["space"] != other["space"] or first["resolution"] != other["resolution"]:
+        raise ConnectomeFormatError(
+            f"batch files disagree on space/resolution: {a.name} is {first['space']} "
+            f"{first['resolution']} mm, {b.name} is {other['space']} {other['resolution']} mm"
+        )
+    if first["mask_shape"] != other["mask_shape"] or not np.allclose(first["mask_affine"], other["mask_affine"]):
+        raise ConnectomeFormatError(f"batch files {a.name} and {b.name} have different mask grids")
+    if not np.array_equal(first["mask_indices"], other["mask_indices"]):
+        raise ConnectomeFormatError(
+            f"batch files {a.name} and {b.name} have different brain masks (mask_indices); "
+            "all batch files of a connectome must share one mask"
+        )
