@@ -198,7 +198,8 @@ def coverage_fraction(mask: np.ndarray, source_affine: np.ndarray, target: Grid)
             offset=start[:3],
             output_shape=tuple(high - low),
             order=0,
-            mode="constant",
+            # grid-constant: points within half a voxel of the edge belong to the edge voxel.
+            mode="grid-constant",
             cval=0,
         )
     fraction[low[0] : high[0], low[1] : high[1], low[2] : high[2]] = total / k**3
