@@ -66,6 +66,7 @@ class BidsAppGroup(click.Group):
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:
+    """INFO by default (progress, skips); -v DEBUG; -q WARNING; -qq ERROR."""
     level = logging.INFO - 10 * verbose + 10 * quiet
     logging.basicConfig(
         level=max(logging.DEBUG, min(logging.CRITICAL, level)),
@@ -145,8 +146,8 @@ def cli():
 @click.option("--nprocs", type=click.IntRange(min=1), default=1, show_default=True, help="Masks processed in parallel.")
 @click.option("--skip-bids-validation", is_flag=True, help="Do not report file names the bids-validator package rejects.")
 @click.option("--overwrite", is_flag=True, help="Recompute masks whose outputs are already complete.")
-@click.option("-v", "--verbose", count=True, help="More log output (repeat for debug).")
-@click.option("-q", "--quiet", count=True, help="Less log output.")
+@click.option("-v", "--verbose", count=True, help="Debug log output.")
+@click.option("-q", "--quiet", count=True, help="Only warnings (-qq: only errors).")
 def run_command(bids_dir, output_dir, analysis_level, verbose, quiet, analyses, atlases, **options):
     """Run the BIDS App: BIDS_DIR OUTPUT_DIR {participant,group}.
 

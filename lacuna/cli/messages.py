@@ -20,3 +20,7 @@ SKIPPED_COMPLETE = "outputs already complete (use --overwrite to recompute)"
 DUPLICATE_OUTPUT = "{path} would write the same outputs as {other}; give the masks distinct label- entities"
 PARTICIPANT_SUMMARY = "participant level: {total} mask(s): {done} done, {skipped} skipped, {failed} failed"
 GROUP_SUMMARY = "group level: {n} mask(s) reduced, {incomplete} incomplete skipped; wrote {files} file(s) to {path}"
+OUTPUT_CONTAINS_INPUT = (
+    "the output folder {output} is the BIDS folder {bids} or contains it; writing there would "
+    "damage the input dataset. Use e.g. {bids}/derivatives/lacuna"
+)

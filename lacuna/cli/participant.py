@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
+import signal
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -68,8 +72,10 @@ class ParticipantSummary:
         return "\n".join(lines)
 
 
-def check_bids_dataset(bids_dir: Path) -> None:
-    """Fail only on what makes the dataset unusable."""
+def check_bids_dataset(bids_dir: Path, output_dir: Path | None = None) -> None:
+    """Fail only on what makes the dataset unusable (or would damage it)."""
+    if output_dir is not None and (output_dir == bids_dir or output_dir in bids_dir.parents):
+        raise BidsError(messages.OUTPUT_CONTAINS_INPUT.format(output=output_dir, bids=bids_dir))
     if not bids_dir.is_dir():
         raise BidsError(messages.NO_BIDS_DIR.format(path=bids_dir))
     if not (bids_dir / "dataset_description.json").is_file():
@@ -143,7 +149,7 @@ def run_fingerprint(config: RunConfig, analyses: list[Analysis]) -> dict:
             {
                 "name": analysis.name,
                 "parameters": analysis.parameters(),
-                "inputs": {f.role: f.sha256 for f in analysis.input_files()},
+                "inputs": {f.role: f.sha256 or f"{f.size_bytes}:{f.modified}" for f in analysis.input_files()},
             }
             for analysis in analyses
         ],
@@ -174,10 +180,30 @@ def process_mask(path: Path, config: RunConfig, analyses: list[Analysis], finger
 
 
 # Worker state for parallel runs: analyses are built once per process.
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _WORKER: dict = {}
 
 
+def _die_with_parent() -> None:
+    """Make this worker exit when the main process dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def _init_worker(config: RunConfig, log_level: int) -> None:
+    _die_with_parent()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     analyses = build_analyses(config)
     _WORKER.update(config=config, analyses=analyses, fingerprint=run_fingerprint(config, analyses))
@@ -195,7 +221,7 @@ def run_participant(config: RunConfig) -> ParticipantSummary:
     BidsError
         If the dataset is unusable or no mask is selected.
     """
-    check_bids_dataset(config.bids_dir)
+    check_bids_dataset(config.bids_dir, config.output_dir)
     if not config.skip_bids_validation:
         report_bids_validation(config.bids_dir, {p for p in (config.output_dir, config.work_dir) if p})
     masks = select_masks(config)
