@@ -83,16 +83,20 @@ class ParcelAggregation(Analysis):
 
     @property
     def table(self) -> str:
-        """Table (file ``desc-``) the aggregates are written to: the source, alphanumeric."""
+        """Table (file ``desc-``) the aggregates are written to: the source, alphanumeric
+        (a voxel map's own ``desc`` when it has one)."""
         return alphanumeric(self.source).lower()
 
     def compute(self, subject: SubjectData, step: ProvenanceStep) -> dict[str, Result]:
         results: dict[str, Result] = {}
+        table = self.table
+        if self.source != "mask":
+            table = _find_voxel_map(subject, self.source).desc or table
         for parcellation in self.parcellations:
             image = parcellation.load()
             values = self._values_on_grid(subject, image, parcellation.space, step)
             aggregated = _aggregate(image, values, self.method, self.threshold)
-            key = f"{self.table}_{self.method}_{image.name}"
+            key = f"{table}_{self.method}_{image.name}"
             results[key] = ParcelData(
                 parcellation=image.name,
                 measure=self.method,
@@ -100,7 +104,7 @@ class ParcelAggregation(Analysis):
                 region_names=list(image.region_names),
                 values=aggregated,
                 description=self._description(),
-                table=self.table,
+                table=table,
             )
         return results
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-#: Analyses the BIDS App can run, by their command-line name.
-ANALYSES = ("RegionalDamage",)
+#: Analyses the BIDS App can run, by their command-line name. Functional mapping also
+#: runs whenever a functional connectome is given.
+ANALYSES = ("RegionalDamage", "FunctionalNetworkMapping")
+DEFAULT_ANALYSES = ("RegionalDamage",)
 DEFAULT_ATLASES = ("Schaefer2018_100Parcels7Networks",)
 MASK_SUFFIXES = ("_mask.nii.gz", "_mask.nii")
 
@@ -25,14 +27,16 @@ class RunConfig:
     session_labels: tuple[str, ...] = ()
     mask_labels: tuple[str, ...] = ()
     mask_space: str | None = None
-    analyses: tuple[str, ...] = ANALYSES
+    analyses: tuple[str, ...] = DEFAULT_ANALYSES
     atlases: tuple[str, ...] = DEFAULT_ATLASES
     atlas_dir: Path | None = None
     work_dir: Path | None = None
     nprocs: int = 1
     skip_bids_validation: bool = False
     overwrite: bool = False
-    extra: dict = field(default_factory=dict)
+    functional_connectomes: tuple[str, ...] = ()
+    flnm_method: str = "boes"
+    mem_gb: float | None = None
 
     def __post_init__(self):
         self.bids_dir = Path(self.bids_dir).resolve()

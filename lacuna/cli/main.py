@@ -17,13 +17,20 @@ import click
 
 from lacuna._version import __version__
 from lacuna.cli import messages
-from lacuna.cli.config import ANALYSES, DEFAULT_ATLASES, RunConfig
+from lacuna.cli.config import ANALYSES, DEFAULT_ANALYSES, DEFAULT_ATLASES, RunConfig
 from lacuna.core.errors import LacunaError
 
 log = logging.getLogger("lacuna")
 
 #: Options that take several values; ``--atlas A B`` is accepted as ``--atlas A --atlas B``.
-MULTI_VALUE_OPTIONS = ("--participant-label", "--session-label", "--mask-label", "--atlas", "--analysis")
+MULTI_VALUE_OPTIONS = (
+    "--participant-label",
+    "--session-label",
+    "--mask-label",
+    "--atlas",
+    "--analysis",
+    "--functional-connectome",
+)
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _LEVELS = ("participant", "group")
 
@@ -128,7 +135,31 @@ def cli():
     "analyses",
     multiple=True,
     type=click.Choice(ANALYSES, case_sensitive=False),
-    help="Analysis to run (repeatable). Default: RegionalDamage.",
+    help="Analysis to run (repeatable). Default: RegionalDamage; FunctionalNetworkMapping also runs "
+    "whenever --functional-connectome is given.",
+)
+@click.option(
+    "--functional-connectome",
+    "functional_connectomes",
+    multiple=True,
+    metavar="NAME|PATH",
+    help="Normative functional connectome for functional LNM: a registered name (e.g. GSP1000) or "
+    "an HDF5 file/folder (repeatable; one set of outputs per connectome).",
+)
+@click.option(
+    "--flnm-method",
+    type=click.Choice(["boes", "pini"]),
+    default="boes",
+    show_default=True,
+    help="Seed of functional LNM: mean of all lesion voxels (boes) or of the voxels loading most on "
+    "the lesion's first principal component (pini).",
+)
+@click.option(
+    "--mem",
+    "mem_gb",
+    type=click.FloatRange(min=0.1),
+    help="Memory budget in GB for functional mapping (lesions per connectome pass). Default: half "
+    "the available memory.",
 )
 @click.option(
     "--atlas",
@@ -163,9 +194,9 @@ def run_command(bids_dir, output_dir, analysis_level, verbose, quiet, analyses, 
         bids_dir=bids_dir,
         output_dir=output_dir,
         analysis_level=analysis_level,
-        analyses=tuple(dict.fromkeys(canonical[a.lower()] for a in analyses)) or ANALYSES,
+        analyses=tuple(dict.fromkeys(canonical[a.lower()] for a in analyses)) or DEFAULT_ANALYSES,
         atlases=tuple(dict.fromkeys(atlases)) or DEFAULT_ATLASES,
-        **options,
+        **{**options, "functional_connectomes": tuple(dict.fromkeys(options["functional_connectomes"]))},
     )
     try:
         if analysis_level == "participant":
@@ -248,6 +279,68 @@ def atlases_register(name, image, labels, space, citation, overwrite):
     except (LacunaError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"registered {parcellation.name} ({parcellation.space}): {parcellation.image_path}")
+
+
+@cli.group()
+def connectomes():
+    """List, register and remove normative connectomes."""
+
+
+@connectomes.command("list")
+def connectomes_list():
+    """List registered connectomes."""
+    from lacuna.assets.connectomes import list_connectomes
+
+    found = list_connectomes()
+    if not found:
+        click.echo("no connectome registered (see `lacuna connectomes register --help`)")
+    for connectome in found:
+        resolution = f"{connectome.resolution:g} mm" if connectome.resolution else ""
+        subjects = f"{connectome.n_subjects} subjects" if connectome.n_subjects else ""
+        click.echo(f"{connectome.name:12s} {connectome.kind:10s} {connectome.space:20s} {resolution:6s} {subjects:14s} {connectome.path}")
+
+
+@connectomes.command("register")
+@click.argument("name")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--space", required=True, type=click.Choice(["MNI152NLin6Asym", "MNI152NLin2009cAsym"]))
+@click.option("--resolution", type=float, help="Voxel size in mm (functional connectomes).")
+@click.option("--n-subjects", type=int, help="Number of subjects (checked for functional connectomes).")
+@click.option("--description", default="")
+@click.option("--citation", default="")
+@click.option("--force", is_flag=True, help="Replace an existing registration of NAME.")
+def connectomes_register(name, path, space, resolution, n_subjects, description, citation, force):
+    """Register PATH under NAME: an HDF5 functional connectome (file or folder of batch
+    files, needs --resolution) or a .tck/.trk tractogram (structural)."""
+    from lacuna.assets import connectomes as registry
+
+    try:
+        if path.suffix in (".tck", ".trk"):
+            registered = registry.register_structural_connectome(
+                name, path, space, n_subjects=n_subjects, description=description, citation=citation, overwrite=force
+            )
+        else:
+            if resolution is None:
+                raise click.UsageError("--resolution is needed for a functional connectome")
+            registered = registry.register_functional_connectome(
+                name, path, space, resolution, n_subjects=n_subjects, description=description, citation=citation, overwrite=force
+            )
+    except (LacunaError, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"registered {registered.kind} connectome {registered.name}: {registered.path}")
+
+
+@connectomes.command("remove")
+@click.argument("name")
+def connectomes_remove(name):
+    """Remove the registration NAME (files are kept)."""
+    from lacuna.assets.connectomes import unregister_connectome
+
+    try:
+        unregister_connectome(name)
+    except LacunaError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"removed {name}")
 
 
 @cli.command()

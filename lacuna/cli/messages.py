@@ -24,3 +24,7 @@ OUTPUT_CONTAINS_INPUT = (
     "the output folder {output} is the BIDS folder {bids} or contains it; writing there would "
     "damage the input dataset. Use e.g. {bids}/derivatives/lacuna"
 )
+NO_FUNCTIONAL_CONNECTOME = (
+    "FunctionalNetworkMapping needs a connectome: add --functional-connectome NAME|PATH "
+    "(see `lacuna connectomes list`, or fetch one with `lacuna fetch gsp1000`)"
+)

@@ -10,15 +10,17 @@ import signal
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lacuna.analysis import Analysis, RegionalDamage
+from lacuna.analysis import Analysis, ParcelAggregation, RegionalDamage
+from lacuna.analysis.functional_network_mapping import FunctionalNetworkMapping
 from lacuna.cli import messages
 from lacuna.cli.config import MASK_SUFFIXES, RunConfig
 from lacuna.core.entities import parse_entities
-from lacuna.core.errors import BidsError
+from lacuna.core.errors import BidsError, ValidationError
 from lacuna.core.provenance import ProvenanceStep
 from lacuna.core.subject import SubjectData
 from lacuna.io.atomic import remove_stale_temporaries
@@ -27,12 +29,14 @@ from lacuna.io.bids import (
     find_mask_files,
     initialise_derivatives,
     outputs_complete,
+    write_voxel_maps,
 )
 from lacuna.io.naming import MaskOutputs
 
 log = logging.getLogger(__name__)
 
 RUN_STEP = "participant"
+_MASK_BYTES = 182 * 218 * 182  # a 1 mm mask held in memory (uint8)
 
 
 @dataclass
@@ -131,14 +135,40 @@ def select_masks(config: RunConfig) -> list[Path]:
 
 
 def build_analyses(config: RunConfig) -> list[Analysis]:
-    """The configured analyses (parcellations resolved and fetched once)."""
+    """The per-mask analyses (parcellations resolved and fetched once)."""
     analyses: list[Analysis] = []
     for name in config.analyses:
         if name == "RegionalDamage":
             analyses.append(RegionalDamage(parcellations=list(config.atlases), atlas_dir=config.atlas_dir))
+        elif name == "FunctionalNetworkMapping":
+            if not config.functional_connectomes:
+                raise ValidationError(messages.NO_FUNCTIONAL_CONNECTOME)
         else:
             raise ValueError(f"unknown analysis {name!r}")
     return analyses
+
+
+def build_functional(config: RunConfig) -> list[FunctionalNetworkMapping]:
+    """One functional mapping per ``--functional-connectome``."""
+    return [
+        FunctionalNetworkMapping(
+            connectome, method=config.flnm_method, memory_budget_gb=config.mem_gb
+        )
+        for connectome in config.functional_connectomes
+    ]
+
+
+def parcel_aggregations(config: RunConfig, mapping: FunctionalNetworkMapping) -> list[ParcelAggregation]:
+    """Parcel-level means of a functional mapping's t and z maps, per atlas."""
+    return [
+        ParcelAggregation(
+            f"{mapping.name}.{mapping.connectome.name}_{stat}",
+            parcellations=list(config.atlases),
+            method="mean",
+            atlas_dir=config.atlas_dir,
+        )
+        for stat in ("t", "z")
+    ]
 
 
 def run_fingerprint(config: RunConfig, analyses: list[Analysis]) -> dict:
@@ -156,8 +186,8 @@ def run_fingerprint(config: RunConfig, analyses: list[Analysis]) -> dict:
     }
 
 
-def process_mask(path: Path, config: RunConfig, analyses: list[Analysis], fingerprint: dict) -> MaskOutcome:
-    """Load, analyse and export one mask; every error is caught and reported."""
+def prepare_mask(path: Path, config: RunConfig, analyses: list[Analysis], fingerprint: dict) -> SubjectData | MaskOutcome:
+    """Load a mask and run the per-mask analyses; an outcome when skipped or failed."""
     start = time.perf_counter()
     try:
         subject = SubjectData.from_nifti(path, space=config.mask_space)
@@ -169,14 +199,36 @@ def process_mask(path: Path, config: RunConfig, analyses: list[Analysis], finger
             return MaskOutcome(path, "skipped", messages.SKIPPED_COMPLETE, time.perf_counter() - start)
         for analysis in analyses:
             subject = analysis.run(subject)
+        return subject
+    except Exception as exc:  # isolate every failure to its mask
+        return _failure(path, exc, start)
+
+
+def finish_mask(subject: SubjectData, config: RunConfig, fingerprint: dict, start: float) -> MaskOutcome:
+    """Record the run in provenance and export every output of the mask."""
+    path = Path(subject.metadata["source_path"])
+    try:
         step = ProvenanceStep(name=RUN_STEP, kind="run", parameters=fingerprint)
         subject.provenance.append(step.finish())
         export_bids_derivatives(subject, config.output_dir, overwrite=True)
         return MaskOutcome(path, "done", "", time.perf_counter() - start)
-    except Exception as exc:  # isolate every failure to its mask
-        log.debug("failure on %s:\n%s", path, traceback.format_exc())
-        message = str(exc) if str(path) in str(exc) else f"{path.name}: {exc}"
-        return MaskOutcome(path, "failed", f"{type(exc).__name__}: {message}", time.perf_counter() - start)
+    except Exception as exc:
+        return _failure(path, exc, start)
+
+
+def process_mask(path: Path, config: RunConfig, analyses: list[Analysis], fingerprint: dict) -> MaskOutcome:
+    """Load, analyse and export one mask; every error is caught and reported."""
+    start = time.perf_counter()
+    prepared = prepare_mask(path, config, analyses, fingerprint)
+    if isinstance(prepared, MaskOutcome):
+        return prepared
+    return finish_mask(prepared, config, fingerprint, start)
+
+
+def _failure(path: Path, exc: Exception, start: float) -> MaskOutcome:
+    log.debug("failure on %s:\n%s", path, traceback.format_exc())
+    message = str(exc) if str(path) in str(exc) else f"{path.name}: {exc}"
+    return MaskOutcome(path, "failed", f"{type(exc).__name__}: {message}", time.perf_counter() - start)
 
 
 # Worker state for parallel runs: analyses are built once per process.
@@ -202,15 +254,18 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def _init_worker(config: RunConfig, log_level: int) -> None:
+def _init_worker(config: RunConfig, log_level: int, fingerprint: dict) -> None:
     _die_with_parent()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
-    analyses = build_analyses(config)
-    _WORKER.update(config=config, analyses=analyses, fingerprint=run_fingerprint(config, analyses))
+    _WORKER.update(config=config, analyses=build_analyses(config), fingerprint=fingerprint)
 
 
 def _worker_process(path: Path) -> MaskOutcome:
     return process_mask(path, _WORKER["config"], _WORKER["analyses"], _WORKER["fingerprint"])
+
+
+def _worker_prepare(path: Path) -> SubjectData | MaskOutcome:
+    return prepare_mask(path, _WORKER["config"], _WORKER["analyses"], _WORKER["fingerprint"])
 
 
 def run_participant(config: RunConfig) -> ParticipantSummary:
@@ -229,31 +284,95 @@ def run_participant(config: RunConfig) -> ParticipantSummary:
         raise BidsError(messages.NO_MASKS.format(path=config.bids_dir))
     log.info("selected %d mask(s)", len(masks))
     analyses = build_analyses(config)  # resolves (and downloads) atlases once, up front
-    fingerprint = run_fingerprint(config, analyses)
+    functional = build_functional(config)
+    fingerprint = run_fingerprint(config, analyses + functional)
     initialise_derivatives(config.output_dir, source_dir=config.bids_dir)
     summary = ParticipantSummary()
     masks, duplicates = _split_duplicate_outputs(masks)
     summary.outcomes.extend(duplicates)
-    if config.nprocs <= 1 or len(masks) == 1:
-        for index, path in enumerate(masks, 1):
-            outcome = process_mask(path, config, analyses, fingerprint)
-            _log_outcome(index, len(masks), outcome)
-            summary.outcomes.append(outcome)
-        return summary
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=min(config.nprocs, len(masks)),
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(config, logging.getLogger().getEffectiveLevel()),
-    ) as pool:
-        futures = {pool.submit(_worker_process, path): path for path in masks}
-        for index, future in enumerate(as_completed(futures), 1):
-            outcome = future.result()
-            _log_outcome(index, len(masks), outcome)
-            summary.outcomes.append(outcome)
+    with _mask_pool(config, len(masks), fingerprint) as pool:
+        if functional:
+            _run_with_functional(config, masks, analyses, functional, fingerprint, pool, summary)
+        else:
+            _run_per_mask(config, masks, analyses, fingerprint, pool, summary)
     summary.outcomes.sort(key=lambda o: str(o.path))
     return summary
+
+
+@contextmanager
+def _mask_pool(config: RunConfig, n_masks: int, fingerprint: dict):
+    """Worker processes for per-mask work (None when running in this process)."""
+    if config.nprocs <= 1 or n_masks <= 1:
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        max_workers=min(config.nprocs, n_masks),
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(config, logging.getLogger().getEffectiveLevel(), fingerprint),
+    ) as pool:
+        yield pool
+
+
+def _run_per_mask(config, masks, analyses, fingerprint, pool, summary) -> None:
+    """Masks analysed and exported one by one (in parallel with workers)."""
+    if pool is None:
+        outcomes = (process_mask(path, config, analyses, fingerprint) for path in masks)
+    else:
+        outcomes = (future.result() for future in as_completed([pool.submit(_worker_process, p) for p in masks]))
+    for index, outcome in enumerate(outcomes, 1):
+        _log_outcome(index, len(masks), outcome)
+        summary.outcomes.append(outcome)
+
+
+def _run_with_functional(config, masks, analyses, functional, fingerprint, pool, summary) -> None:
+    """Masks in memory-sized groups: per-mask analyses, then one connectome pass per
+    group and connectome for all its lesions, then export."""
+    group_size = min(mapping.lesions_per_pass(extra_bytes=_MASK_BYTES) for mapping in functional)
+    done = 0
+    for first in range(0, len(masks), group_size):
+        group = masks[first : first + group_size]
+        start = time.perf_counter()
+        if pool is None:
+            prepared = [prepare_mask(path, config, analyses, fingerprint) for path in group]
+        else:
+            prepared = list(pool.map(_worker_prepare, group))
+        subjects = []
+        for path, item in zip(group, prepared):
+            if isinstance(item, MaskOutcome):
+                done += 1
+                _log_outcome(done, len(masks), item)
+                summary.outcomes.append(item)
+            else:
+                subjects.append(item)
+        for mapping in functional:
+            subjects = _map_functional(config, mapping, subjects, summary)
+        for subject in subjects:
+            outcome = finish_mask(subject, config, fingerprint, start)
+            done += 1
+            _log_outcome(done, len(masks), outcome)
+            summary.outcomes.append(outcome)
+
+
+def _map_functional(config, mapping, subjects, summary) -> list[SubjectData]:
+    """Map a group's lesions on one connectome; maps are written at once, tables kept."""
+    aggregations = parcel_aggregations(config, mapping)
+    kept: list[SubjectData] = []
+    start = time.perf_counter()
+    for index, outcome in mapping.iter_batch(subjects):
+        path = Path(subjects[index].metadata["source_path"])
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
+            for aggregation in aggregations:
+                outcome = aggregation.run(outcome)
+            kept.append(write_voxel_maps(outcome, config.output_dir, mapping.name))
+        except Exception as exc:
+            failure = _failure(path, exc, start)
+            log.error("%s: %s", path.name, failure.message)
+            summary.outcomes.append(failure)
+    return kept
 
 
 def _output_key(path: Path) -> tuple:

@@ -36,18 +36,33 @@ def sha256_file(path: str | Path) -> str:
     return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
 
 
+#: Files larger than this are identified by size and modification time instead of a
+#: SHA-256 (hashing a 100 GB connectome for every run would take minutes).
+MAX_HASHED_BYTES = 512 * 1024**2
+
+
 @dataclass(frozen=True)
 class InputFile:
-    """A file a step read, identified by path and checksum."""
+    """A file a step read, identified by path and checksum.
+
+    ``sha256`` is None for files over :data:`MAX_HASHED_BYTES`; ``size_bytes`` and
+    ``modified`` identify them instead.
+    """
 
     role: str
     path: str
-    sha256: str
+    sha256: str | None
+    size_bytes: int = 0
+    modified: str = ""
 
     @classmethod
     def from_path(cls, role: str, path: str | Path) -> "InputFile":
-        """Describe ``path`` (hashing its content)."""
-        return cls(role=role, path=str(Path(path).resolve()), sha256=sha256_file(path))
+        """Describe ``path`` (hashing its content unless it is very large)."""
+        path = Path(path).resolve()
+        stat = path.stat()
+        digest = sha256_file(path) if stat.st_size <= MAX_HASHED_BYTES else None
+        modified = datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat(timespec="seconds")
+        return cls(role=role, path=str(path), sha256=digest, size_bytes=stat.st_size, modified=modified)
 
 
 @lru_cache(maxsize=1)

@@ -44,6 +44,12 @@ class VoxelMap:
         BIDS suffix: ``"statmap"`` for statistics, ``"probseg"`` for values in [0, 1].
     metadata : dict
         Extra sidecar entries (analysis parameters, connectome name, ...).
+    desc : str
+        ``desc-`` label of the exported file (letters and digits); default
+        ``<analysis><name>``.
+    written_to : str, optional
+        Path of a NIfTI file already holding exactly this map (then ``data`` may be a
+        lazy nibabel array proxy of it, and exporting to that path rewrites nothing).
     """
 
     name: str
@@ -55,6 +61,8 @@ class VoxelMap:
     units: str = ""
     suffix: str = "statmap"
     metadata: dict = field(default_factory=dict)
+    desc: str = ""
+    written_to: str | None = None
 
     @property
     def grid(self) -> Grid:
@@ -75,7 +83,8 @@ class VoxelMap:
 
     def flatten(self) -> dict:
         """Summary values for one-row tables (maps themselves are not tabulated)."""
-        finite = self.data[np.isfinite(self.data)]
+        data = np.asarray(self.data)
+        finite = data[np.isfinite(data)]
         return {
             "max": float(finite.max()) if finite.size else float("nan"),
             "mean": float(finite.mean()) if finite.size else float("nan"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -370,9 +372,19 @@ def _raw_sources(subject: SubjectData) -> dict:
     return {"Sources": [f"bids:raw:{relpath}"]} if relpath else {}
 
 
+def _voxel_map_path(result: VoxelMap, analysis: str, names: MaskOutputs) -> Path:
+    desc = result.desc or f"{analysis.lower()}{result.name}".replace("_", "")
+    return names.voxel_map(desc, result.suffix, result.space, result.resolution)
+
+
+def _write_voxel_map(result: VoxelMap, path: Path) -> None:
+    if result.written_to and Path(result.written_to) == path and path.is_file():
+        return  # already on disk with this content
+    _save_image(result.to_nifti(), path)
+
+
 def _plan_voxel_map(result: VoxelMap, analysis: str, names: MaskOutputs, mask_path: Path) -> list[_PlannedFile]:
-    desc = f"{analysis.lower()}{result.name}".replace("_", "")
-    path = names.voxel_map(desc, result.suffix, result.space, result.resolution)
+    path = _voxel_map_path(result, analysis, names)
     sidecar = {
         **result.sidecar(),
         "Analysis": analysis,
@@ -381,9 +393,31 @@ def _plan_voxel_map(result: VoxelMap, analysis: str, names: MaskOutputs, mask_pa
         "Sources": [f"bids::{mask_path.as_posix()}"],
     }
     return [
-        _PlannedFile(path, lambda p: _save_image(result.to_nifti(), p)),
+        _PlannedFile(path, lambda p: _write_voxel_map(result, p)),
         _PlannedFile(sidecar_of(path), lambda p: write_json(p, sidecar)),
     ]
+
+
+def write_voxel_maps(subject: SubjectData, output_dir: str | Path, analysis_name: str) -> SubjectData:
+    """Write one analysis' voxel maps now and keep only lazy proxies of them in memory.
+
+    Used when many subjects' maps would not fit in memory together: the returned copy
+    of ``subject`` refers to the written files, which :func:`export_bids_derivatives`
+    then lists without writing them again. The files are written atomically; the
+    subject's outputs only count as complete once its provenance file exists.
+    """
+    root = Path(output_dir)
+    names = MaskOutputs.for_subject(subject)
+    released = {}
+    for key, result in subject.results.get(analysis_name, {}).items():
+        if isinstance(result, VoxelMap):
+            path = root / _voxel_map_path(result, analysis_name, names)
+            _save_image(result.to_nifti(), path)
+            result = dataclasses.replace(result, data=nib.load(path).dataobj, written_to=str(path))
+        released[key] = result
+    new = copy.copy(subject)
+    new.results = {**subject.results, analysis_name: released}
+    return new
 
 
 def parcel_frame(columns: list[ParcelData]) -> pd.DataFrame:

@@ -20,6 +20,7 @@ next subject read in a background thread while the current one is processed.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -186,6 +187,96 @@ class FunctionalConnectome:
                     buffer.get_nowait()
                 except queue.Empty:
                     reader.join(timeout=0.05)
+
+
+class ConnectomeWriter:
+    """Write one batch file subject by subject (streaming; atomic on success).
+
+    Parameters
+    ----------
+    path : Path
+        Output ``.h5`` file (written to a temporary name, renamed when closed cleanly).
+    n_subjects, n_timepoints : int
+        Dimensions of the ``timeseries`` dataset.
+    mask_indices : ndarray (3, n_voxels)
+        Brain-mask voxel indices.
+    mask_affine : ndarray (4, 4)
+        Affine of the mask grid.
+    mask_shape : tuple of int
+        Shape of the mask grid.
+    space : str
+        Template space.
+    resolution : float
+        Voxel size in mm.
+    dtype : numpy dtype
+        Storage type, float32 or float16.
+    attributes : dict, optional
+        Extra file attributes (e.g. source, subject ids).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        n_subjects: int,
+        n_timepoints: int,
+        mask_indices: np.ndarray,
+        mask_affine: np.ndarray,
+        mask_shape: tuple[int, int, int],
+        space: str,
+        resolution: float,
+        dtype=np.float32,
+        attributes: dict | None = None,
+    ):
+        self.path = Path(path)
+        self.temporary = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        n_voxels = int(mask_indices.shape[1])
+        self._handle = h5py.File(self.temporary, "w")
+        self._dataset = self._handle.create_dataset(
+            "timeseries",
+            shape=(n_subjects, n_timepoints, n_voxels),
+            dtype=dtype,
+            chunks=(1, n_timepoints, n_voxels),
+        )
+        self._handle.create_dataset("mask_indices", data=np.asarray(mask_indices, dtype=np.int32))
+        self._handle.create_dataset("mask_affine", data=np.asarray(mask_affine, dtype=np.float64))
+        attrs = self._handle.attrs
+        attrs["mask_shape"] = np.asarray(mask_shape, dtype=np.int64)
+        attrs["space"] = space
+        attrs["resolution"] = float(resolution)
+        attrs["format_version"] = FORMAT_VERSION
+        for key, value in (attributes or {}).items():
+            attrs[key] = value
+        self._written = 0
+
+    def write(self, timeseries: np.ndarray) -> None:
+        """Append one subject's (n_timepoints, n_voxels) timeseries."""
+        self._dataset[self._written] = timeseries
+        self._written += 1
+
+    def close(self) -> Path:
+        """Finish the file and move it into place; returns its path."""
+        expected = self._dataset.shape[0]
+        self._handle.close()
+        if self._written != expected:
+            self.temporary.unlink(missing_ok=True)
+            raise ValueError(f"{self.path}: {self._written} subjects written, {expected} declared")
+        os.replace(self.temporary, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Discard the partial file."""
+        self._handle.close()
+        self.temporary.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ConnectomeWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def _read_header(path: Path) -> dict:

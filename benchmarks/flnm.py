@@ -1,0 +1,180 @@
+"""Benchmark functional lesion network mapping against the hardware's bound.
+
+Builds a synthetic connectome on the real-size 2 mm MNI152NLin6Asym grid (an ellipsoidal
+brain mask of about 228,000 voxels, like FSL's 2 mm brain mask), then for each lesion
+count L maps L spherical lesions and prints: seconds, lesion-subject maps per second,
+peak RSS, read GB/s, achieved GFLOP/s, and the bound
+
+    max(bytes read / measured read rate, flops / measured numpy sgemm rate)
+
+from measurements taken in the same run (a pure read pass over the same file; a numpy
+float32 matmul of the same shape), as the ratio achieved / bound. Each L runs in its own
+process so that its peak RSS is its own.
+
+Usage::
+
+    python benchmarks/flnm.py                          # S=100, T=120, L=1 and 100
+    python benchmarks/flnm.py --subjects 200 --lesions 1 10 100 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lacuna.core.spaces import standard_grid
+from lacuna.io.functional_connectome import ConnectomeWriter, FunctionalConnectome
+
+SPACE = "MNI152NLin6Asym"
+
+
+def brain_mask() -> np.ndarray:
+    """An ellipsoidal 'brain' on the 2 mm grid with about 228,000 voxels."""
+    grid = standard_grid(SPACE, 2)
+    ijk = np.indices(grid.shape).reshape(3, -1).T
+    xyz = ijk @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+    inside = ((xyz[:, 0] / 72) ** 2 + ((xyz[:, 1] + 18) / 96) ** 2 + ((xyz[:, 2] - 10) / 80) ** 2) <= 1
+    return inside.reshape(grid.shape)
+
+
+def build_connectome(path: Path, subjects: int, timepoints: int, dtype: str, seed: int = 0) -> None:
+    """Synthetic timeseries: a few smooth 'network' signals plus noise, raw offsets."""
+    grid = standard_grid(SPACE, 2)
+    mask = brain_mask()
+    indices = np.array(np.nonzero(mask))
+    n_voxels = indices.shape[1]
+    rng = np.random.default_rng(seed)
+    networks = 6
+    membership = (indices[0] * 7 + indices[1] * 3 + indices[2]) % networks  # interleaved networks
+    with ConnectomeWriter(path, subjects, timepoints, indices, grid.affine, grid.shape, SPACE, 2.0, dtype=dtype) as writer:
+        for _ in range(subjects):
+            signals = rng.standard_normal((timepoints, networks), dtype=np.float32)
+            data = rng.standard_normal((timepoints, n_voxels), dtype=np.float32)
+            data += signals[:, membership]
+            data += 100.0
+            writer.write(data.astype(dtype))
+
+
+def lesions(count: int, seed: int = 1) -> list:
+    """Spherical lesions (radius 4-12 mm) at random brain positions, as SubjectData."""
+    import nibabel as nib
+
+    from lacuna import SubjectData
+
+    grid = standard_grid(SPACE, 2)
+    mask = brain_mask()
+    candidates = np.argwhere(mask)
+    rng = np.random.default_rng(seed)
+    ijk = np.indices(grid.shape)
+    subjects = []
+    for index in range(count):
+        centre = candidates[rng.integers(len(candidates))]
+        radius = rng.uniform(2, 6)  # voxels
+        sphere = (((ijk - centre[:, None, None, None]) ** 2).sum(0) <= radius**2).astype(np.uint8)
+        img = nib.Nifti1Image(sphere, grid.affine)
+        subjects.append(SubjectData(img, SPACE, metadata={"subject_id": f"{index:04d}"}))
+    return subjects
+
+
+def measured_read_rate(path: Path) -> float:
+    """Bytes per second of a pure read pass (same reader, no computation)."""
+    connectome = FunctionalConnectome.open(path)
+    start = time.perf_counter()
+    total = sum(subject.nbytes for subject in connectome.iter_subjects())
+    return total / (time.perf_counter() - start)
+
+
+def measured_sgemm_rate(timepoints: int, lesions: int, voxels: int) -> float:
+    """FLOP/s of numpy's float32 matmul of the shape the mapping uses."""
+    a = np.random.default_rng(0).standard_normal((lesions, timepoints), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((timepoints, voxels), dtype=np.float32)
+    out = np.empty((lesions, voxels), dtype=np.float32)
+    np.matmul(a, b, out=out)
+    repeats = 5
+    start = time.perf_counter()
+    for _ in range(repeats):
+        np.matmul(a, b, out=out)
+    return repeats * 2.0 * lesions * timepoints * voxels / (time.perf_counter() - start)
+
+
+def run_one(path: Path, n_lesions: int) -> dict:
+    """Map ``n_lesions`` lesions and report timings (runs in a fresh process)."""
+    from lacuna.analysis.functional_network_mapping import FunctionalNetworkMapping
+
+    connectome = FunctionalConnectome.open(path)
+    subjects = lesions(n_lesions)
+    read_rate = measured_read_rate(path)
+    sgemm_rate = measured_sgemm_rate(connectome.files[0].n_timepoints, n_lesions, connectome.n_voxels)
+    analysis = FunctionalNetworkMapping(connectome, compute_p_map=True)
+    start = time.perf_counter()
+    mapped = 0
+    for _, outcome in analysis.iter_batch(subjects):
+        if isinstance(outcome, Exception):
+            raise outcome
+        mapped += 1
+    seconds = time.perf_counter() - start
+    timing = analysis.last_timing
+    bytes_read = sum(t.bytes_read for t in timing)
+    flops = sum(t.flops for t in timing)
+    bound = max(bytes_read / read_rate, flops / sgemm_rate)
+    return {
+        "lesions": n_lesions,
+        "subjects": connectome.n_subjects,
+        "voxels": connectome.n_voxels,
+        "seconds": seconds,
+        "pass_seconds": sum(t.seconds for t in timing),
+        "maps_per_second": n_lesions * connectome.n_subjects / seconds,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "read_gb_per_s": bytes_read / seconds / 1e9,
+        "gflops": flops / seconds / 1e9,
+        "measured_read_gb_per_s": read_rate / 1e9,
+        "measured_sgemm_gflops": sgemm_rate / 1e9,
+        "bound_seconds": bound,
+        "ratio": seconds / bound,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subjects", type=int, default=100)
+    parser.add_argument("--timepoints", type=int, default=120)
+    parser.add_argument("--lesions", type=int, nargs="+", default=[1, 100])
+    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    parser.add_argument("--workdir", type=Path, help="where to write the synthetic connectome")
+    parser.add_argument("--single", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--connectome", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.single is not None:
+        print(json.dumps(run_one(args.connectome, args.single)))
+        return
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lacuna-flnm-bench-"))
+    path = workdir / f"synthetic_S{args.subjects}_T{args.timepoints}_{args.dtype}.h5"
+    if not path.exists():
+        start = time.perf_counter()
+        build_connectome(path, args.subjects, args.timepoints, args.dtype)
+        print(f"built {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s")
+    header = f"{'L':>5} {'S':>5} {'seconds':>8} {'maps/s':>8} {'RSS GB':>7} {'read GB/s':>9} {'GFLOP/s':>8} {'bound s':>8} {'ratio':>6}"
+    print(header)
+    for n_lesions in args.lesions:
+        command = [sys.executable, __file__, "--single", str(n_lesions), "--connectome", str(path)]
+        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+        print(
+            f"{result['lesions']:>5} {result['subjects']:>5} {result['seconds']:>8.1f} {result['maps_per_second']:>8.0f} "
+            f"{result['peak_rss_gb']:>7.2f} {result['read_gb_per_s']:>9.2f} {result['gflops']:>8.1f} "
+            f"{result['bound_seconds']:>8.1f} {result['ratio']:>6.2f}"
+        )
+        print(f"      (measured: read {result['measured_read_gb_per_s']:.2f} GB/s, sgemm {result['measured_sgemm_gflops']:.0f} GFLOP/s; {result['voxels']} voxels)")
+
+
+if __name__ == "__main__":
+    main()

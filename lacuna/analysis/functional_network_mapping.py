@@ -1,0 +1,347 @@
+"""FunctionalNetworkMapping: functional lesion network mapping (fLNM).
+
+For each lesion, the seed timeseries (the lesion's mean signal) is correlated with every
+brain voxel in each subject of a normative resting-state connectome; the Fisher-z maps
+are summarised across subjects (see :mod:`lacuna.analysis.functional_engine` for how a
+whole cohort of lesions is mapped in one pass).
+
+Seeds
+-----
+``boes``
+    The mean raw timeseries over the lesion's voxels inside the connectome mask.
+``pini``
+    The mean raw timeseries over the lesion voxels most representative of the lesion
+    signal: those whose absolute loading on the first principal component of the lesion
+    voxels' timeseries is at least the ``pini_percentile``-th percentile. The principal
+    component is the leading eigenvector of the lesion voxels' correlation matrices summed
+    over all connectome subjects (each subject standardised separately), so the
+    selection is the same whatever the batch split. It costs one extra pass.
+
+Lesions on another grid of the connectome's space are resampled onto its grid with the
+half-coverage rule (a connectome voxel belongs to the lesion when at least half of it is
+covered). Only lesion voxels inside the connectome mask are used; their fraction is
+recorded; a lesion with none inside is an error for that lesion alone.
+
+Outputs (per lesion, on the connectome grid; 0 outside the brain mask, 1 for p maps)
+-----------------------------------------------------------------------------------
+``z`` mean Fisher z; ``r`` = tanh(mean z); ``t`` one-sample t = mean z / (sd z / sqrt n);
+``p`` two-sided p with n-1 degrees of freedom; ``pfdr`` Benjamini-Hochberg adjusted p over
+the brain mask; ``tthresholded`` (when ``t_threshold`` is set) 1 where |t| > threshold.
+Scalars: subjects used, lesion voxels used, fraction of the lesion inside the mask,
+peak t, voxels significant at ``fdr_alpha``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lacuna.analysis.base import Analysis, mask_on_grid
+from lacuna.analysis.functional_engine import (
+    R_MAX,
+    PassTiming,
+    SeedDefinition,
+    pini_selection,
+    stream_fisher_z,
+    summarise,
+    worker_threads,
+)
+from lacuna.assets.connectomes import FUNCTIONAL, resolve_connectome
+from lacuna.core.errors import AnalysisError
+from lacuna.core.provenance import InputFile, ProvenanceStep
+from lacuna.core.results import Result, ScalarMetric, VoxelMap
+from lacuna.core.spaces import HALF_COVERAGE
+from lacuna.core.subject import SubjectData
+from lacuna.io.functional_connectome import FunctionalConnectome
+
+log = logging.getLogger(__name__)
+
+METHODS = ("boes", "pini")
+_BYTES_PER_LESION_VOXEL = 8 + 8 + 4 + 4 + 4 + 4  # float64 sums, float32 partials, shift, missing
+
+
+def available_memory_bytes() -> int:
+    """Memory available to this process (MemAvailable, else physical memory)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_memory_budget() -> int:
+    """Half of the available memory."""
+    return available_memory_bytes() // 2
+
+
+@dataclass
+class PreparedLesion:
+    """A lesion placed on the connectome grid."""
+
+    index: int
+    subject: SubjectData
+    columns: np.ndarray  # timeseries columns of the lesion voxels inside the mask
+    fraction_inside: float
+    step: ProvenanceStep
+
+
+class FunctionalNetworkMapping(Analysis):
+    """Functional lesion network mapping against a normative connectome.
+
+    Parameters
+    ----------
+    connectome : str, Path or FunctionalConnectome
+        Registered name (e.g. ``"GSP1000"``), path to an HDF5 file or folder of batch
+        files, or an opened connectome.
+    method : {"boes", "pini"}
+        Seed definition (module docs).
+    pini_percentile : float
+        Percentile of absolute PC1 loadings below which lesion voxels are dropped (pini).
+    compute_p_map : bool
+        Compute ``p`` and ``pfdr`` maps.
+    fdr_alpha : float
+        Level for the count of FDR-significant voxels.
+    t_threshold : float, optional
+        Also output a binary map of |t| > ``t_threshold``.
+    memory_budget_gb : float, optional
+        Memory for the lesion chunk of one pass; default half the available memory.
+    """
+
+    def __init__(
+        self,
+        connectome: str | Path | FunctionalConnectome,
+        method: str = "boes",
+        pini_percentile: float = 20,
+        compute_p_map: bool = True,
+        fdr_alpha: float = 0.05,
+        t_threshold: float | None = None,
+        memory_budget_gb: float | None = None,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"unknown seed method {method!r}; choose one of {', '.join(METHODS)}")
+        if not 0 <= pini_percentile < 100:
+            raise ValueError("pini_percentile must be in [0, 100)")
+        if not 0 < fdr_alpha < 1:
+            raise ValueError("fdr_alpha must be in (0, 1)")
+        if isinstance(connectome, FunctionalConnectome):
+            self.connectome = connectome
+        else:
+            name, path = resolve_connectome(connectome, FUNCTIONAL)
+            self.connectome = FunctionalConnectome.open(path, name=name)
+        self.method = method
+        self.pini_percentile = float(pini_percentile)
+        self.compute_p_map = compute_p_map
+        self.fdr_alpha = float(fdr_alpha)
+        self.t_threshold = None if t_threshold is None else float(t_threshold)
+        self.memory_budget = int(memory_budget_gb * 1024**3) if memory_budget_gb else default_memory_budget()
+        self.last_timing: list[PassTiming] = []
+
+    @property
+    def connectome_label(self) -> str:
+        """Connectome name as a BIDS label (letters and digits)."""
+        return re.sub(r"[^A-Za-z0-9]", "", self.connectome.name) or "connectome"
+
+    def parameters(self) -> dict:
+        return {
+            "connectome": self.connectome.name,
+            "connectome_space": self.connectome.space,
+            "connectome_resolution": self.connectome.resolution,
+            "connectome_subjects": self.connectome.n_subjects,
+            "method": self.method,
+            "pini_percentile": self.pini_percentile,
+            "compute_p_map": self.compute_p_map,
+            "fdr_alpha": self.fdr_alpha,
+            "t_threshold": self.t_threshold,
+            "fisher_z_clip": R_MAX,
+        }
+
+    def input_files(self) -> list[InputFile]:
+        return [InputFile.from_path(f"connectome:{self.connectome.name}", f.path) for f in self.connectome.files]
+
+    def compute(self, subject: SubjectData, step: ProvenanceStep) -> dict[str, Result]:
+        outcome = next(self.iter_batch([subject]))[1]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome.results[self.name]
+
+    def run(self, subject: SubjectData) -> SubjectData:
+        """Map one lesion (one pass over the connectome)."""
+        return self.run_batch([subject])[0]
+
+    def run_batch(self, subjects: list[SubjectData]) -> list[SubjectData]:
+        """Map many lesions with one pass per memory-sized chunk.
+
+        Raises the first per-lesion error. Every result holds several full-size maps: for
+        large cohorts use :meth:`iter_batch` and export each subject as it comes.
+        """
+        results: list[SubjectData | None] = [None] * len(subjects)
+        for index, outcome in self.iter_batch(subjects):
+            if isinstance(outcome, Exception):
+                raise outcome
+            results[index] = outcome
+        return results
+
+    def iter_batch(self, subjects: list[SubjectData]) -> Iterator[tuple[int, SubjectData | Exception]]:
+        """Yield ``(index, subject with results)`` or ``(index, error)`` per lesion.
+
+        Lesions that cannot be mapped (other space, nothing inside the brain mask) come
+        first as errors; the others follow chunk by chunk, each chunk one pass over the
+        connectome (two for ``pini``).
+        """
+        lookup = self.connectome.voxel_lookup()
+        prepared: list[PreparedLesion] = []
+        for index, subject in enumerate(subjects):
+            try:
+                prepared.append(self._prepare(index, subject, lookup))
+            except Exception as exc:  # reported per lesion
+                yield index, exc
+        for chunk in self._chunks(prepared):
+            yield from self._map_chunk(chunk)
+
+    def _prepare(self, index: int, subject: SubjectData, lookup: np.ndarray) -> PreparedLesion:
+        step = ProvenanceStep(name=self.name, kind="analysis", parameters=self.parameters(), inputs=self.input_files())
+        coverage = mask_on_grid(subject, self.connectome.grid, self.connectome.space, step)
+        lesion = coverage >= HALF_COVERAGE
+        n_lesion = int(lesion.sum())
+        if n_lesion == 0:
+            raise AnalysisError(
+                f"{_who(subject)}: the lesion covers no voxel of the {self.connectome.name} grid "
+                "by half or more (it is smaller than one connectome voxel)"
+            )
+        columns = lookup[lesion]
+        columns = np.sort(columns[columns >= 0])
+        if columns.size == 0:
+            raise AnalysisError(
+                f"{_who(subject)}: no lesion voxel lies inside the {self.connectome.name} brain "
+                "mask; functional mapping needs at least one"
+            )
+        fraction = columns.size / n_lesion
+        if fraction < 1:
+            step.notes.append(f"{fraction:.1%} of the lesion lies inside the connectome brain mask; only that part is used")
+        return PreparedLesion(index, subject, columns, fraction, step)
+
+    def _lesion_bytes(self, n_lesion_voxels: int = 0) -> int:
+        cost = _BYTES_PER_LESION_VOXEL * self.connectome.n_voxels
+        if self.method == "pini":
+            cost = max(cost, 8 * n_lesion_voxels**2)
+        return cost
+
+    def _chunk_budget(self) -> int:
+        fixed = 4 * self.connectome.files[0].n_timepoints * self.connectome.n_voxels * 4  # buffers in flight
+        return max(self.memory_budget - fixed, 0)
+
+    def lesions_per_pass(self, extra_bytes: int = 0) -> int:
+        """How many lesions one pass can map within the memory budget, counting
+        ``extra_bytes`` more per lesion (e.g. the caller's copy of each mask)."""
+        return max(1, self._chunk_budget() // (self._lesion_bytes() + extra_bytes))
+
+    def _chunks(self, prepared: list[PreparedLesion]) -> Iterator[list[PreparedLesion]]:
+        """Lesion chunks whose running sums (and pini matrices) fit the memory budget."""
+        budget = self._chunk_budget()
+        chunk: list[PreparedLesion] = []
+        used = 0
+        for lesion in prepared:
+            cost = self._lesion_bytes(lesion.columns.size)
+            if chunk and used + cost > budget:
+                yield chunk
+                chunk, used = [], 0
+            chunk.append(lesion)
+            used += cost
+        if chunk:
+            yield chunk
+
+    def _map_chunk(self, chunk: list[PreparedLesion]) -> Iterator[tuple[int, SubjectData]]:
+        columns = [lesion.columns for lesion in chunk]
+        if self.method == "pini":
+            log.info("%s: PINI voxel selection for %d lesion(s)", self.connectome.name, len(chunk))
+            columns = pini_selection(self.connectome, columns, self.pini_percentile, self._progress("PINI selection"))
+        log.info("%s: mapping %d lesion(s) over %d subjects", self.connectome.name, len(chunk), self.connectome.n_subjects)
+        sums, timing = stream_fisher_z(self.connectome, SeedDefinition.means(columns), self._progress("fLNM"))
+        self.last_timing.append(timing)
+        with ThreadPoolExecutor(max_workers=worker_threads()) as pool:
+            statistics = pool.map(lambda row: self._statistics(sums, row), range(len(chunk)))
+            for row, (lesion, used, stats) in enumerate(zip(chunk, columns, statistics)):
+                results = self._results(lesion, used, stats, int(sums.excluded_seeds[row]))
+                lesion.step.notes.append(
+                    f"seed from {used.size} of {lesion.columns.size} lesion voxels in the mask ({self.method})"
+                )
+                yield lesion.index, lesion.subject.with_results(self.name, results, lesion.step.finish())
+
+    def _statistics(self, sums, row: int):
+        n = sums.n if sums.missing is None else sums.n[row : row + 1]
+        rows = slice(row, row + 1)
+        return summarise(sums.shift[rows], sums.sum_dz[rows], sums.sum_dz2[rows], n, self.compute_p_map)
+
+    def _results(self, lesion: PreparedLesion, used: np.ndarray, statistics, excluded: int) -> dict[str, Result]:
+        label = self.connectome_label
+        maps = {"z": (statistics.z, "Mean Fisher z across connectome subjects", "")}
+        maps["r"] = (statistics.r, "tanh of the mean Fisher z (average correlation)", "")
+        maps["t"] = (statistics.t, "One-sample t of Fisher z across connectome subjects", "")
+        if statistics.p is not None:
+            maps["p"] = (statistics.p, "Two-sided p of t (n-1 degrees of freedom)", "")
+            maps["pfdr"] = (statistics.p_fdr, "Benjamini-Hochberg FDR-adjusted p over the brain mask", "")
+        if self.t_threshold is not None:
+            maps["tthresholded"] = (
+                (np.abs(statistics.t) > self.t_threshold).astype(np.float32),
+                f"1 where |t| > {self.t_threshold:g}",
+                "",
+            )
+        metadata = {
+            "Connectome": self.connectome.name,
+            "Method": self.method,
+            "NumberOfSubjects": self.connectome.n_subjects,
+            "FisherZClip": R_MAX,
+        }
+        results: dict[str, Result] = {}
+        for stat, (values, description, units) in maps.items():
+            fill = 1.0 if stat in ("p", "pfdr") else 0.0
+            results[f"{self.connectome.name}_{stat}"] = VoxelMap(
+                name=stat,
+                data=self.connectome.to_volume(values[0], fill=fill),
+                affine=self.connectome.mask_affine,
+                space=self.connectome.space,
+                resolution=self.connectome.resolution,
+                description=description,
+                units=units,
+                metadata=metadata,
+                desc=f"flnm{label}{stat}",
+            )
+        t_values = statistics.t[0]
+        peak = float(t_values[np.argmax(np.abs(t_values))])
+        scalars = {
+            "n_subjects": (self.connectome.n_subjects - excluded, "subjects", "Connectome subjects with a valid seed"),
+            "lesion_voxels_used": (int(used.size), "voxels", "Lesion voxels forming the seed"),
+            "lesion_fraction_in_mask": (lesion.fraction_inside, "", "Fraction of the lesion inside the connectome mask"),
+            "peak_t": (peak, "", "t value of largest magnitude"),
+        }
+        if statistics.p_fdr is not None:
+            significant = int(np.sum(statistics.p_fdr[0] < self.fdr_alpha))
+            scalars["n_voxels_fdr_significant"] = (significant, "voxels", f"Voxels with FDR p < {self.fdr_alpha:g}")
+        for key, (value, units, description) in scalars.items():
+            results[f"{self.connectome.name}_{key}"] = ScalarMetric(key, value, units, description)
+        return results
+
+    def _progress(self, what: str):
+        state = {"last": 0.0}
+
+        def report(done: int, total: int, seconds: float) -> None:
+            if done == total or seconds - state["last"] >= 10:
+                state["last"] = seconds
+                eta = seconds / done * (total - done)
+                log.info("%s %s: %d/%d subjects, %.0f s elapsed, ETA %.0f s", self.connectome.name, what, done, total, seconds, eta)
+
+        return report
+
+
+def _who(subject: SubjectData) -> str:
+    return subject.metadata.get("source_path") or repr(subject)

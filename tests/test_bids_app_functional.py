@@ -1,0 +1,107 @@
+"""Functional LNM through the BIDS App: options, outputs, numbers, validators."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from lacuna.cli.main import cli, expand_multi_value_options
+from lacuna.io.validation import validate_bids_derivatives
+
+from test_functional import GRID, SPACE, _benjamini_hochberg, _columns, _mask, _reference, _timeseries, _write
+
+ATLAS = "Schaefer2018_100Parcels7Networks"
+LESIONS = {
+    "01": [(40 + i, 55 + j, 44) for i in range(3) for j in range(3)],
+    "02": [(45, 60, 46), (46, 60, 46)],
+    "03": [(5, 5, 5)],  # outside the connectome mask: fails alone
+}
+
+
+def _run(*args):
+    result = CliRunner().invoke(cli, expand_multi_value_options([str(a) for a in args]), catch_exceptions=False)
+    return result
+
+
+@pytest.fixture
+def dataset(tmp_path, shared_atlases):
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "fLNM", "BIDSVersion": "1.10.0"}))
+    for subject, voxels in LESIONS.items():
+        data = np.zeros(GRID.shape, dtype=np.uint8)
+        for voxel in voxels:
+            data[voxel] = 1
+        folder = bids / f"sub-{subject}" / "anat"
+        folder.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(data, GRID.affine), folder / f"sub-{subject}_space-{SPACE}_res-2_label-lesion_mask.nii.gz")
+    data = _timeseries(6, 30, seed=11)
+    _write(tmp_path / "conn.h5", data)
+    return bids, tmp_path / "conn.h5", data
+
+
+def test_functional_outputs_match_numpy_and_validate(tmp_path, dataset, shared_atlases):
+    bids, connectome, data = dataset
+    out = tmp_path / "out"
+    result = _run(bids, out, "participant", "--functional-connectome", connectome, "--atlas-dir", shared_atlases, "--atlas", ATLAS, "--skip-bids-validation")
+    assert result.exit_code == 1, result.output  # sub-03 lies outside the connectome mask
+    assert "sub-03" in result.output and "brain mask" in result.output
+    assert "2 done" in result.output and "1 failed" in result.output
+    anat = out / "sub-01" / "anat"
+    t_map = anat / f"sub-01_space-{SPACE}_res-2_label-lesion_desc-flnmconnt_statmap.nii.gz"
+    expected = _reference(data.astype(np.float32), _columns(LESIONS["01"]))
+    np.testing.assert_allclose(nib.load(t_map).get_fdata()[_mask()], expected["t"], atol=1e-4)
+    pfdr = nib.load(anat / f"sub-01_space-{SPACE}_res-2_label-lesion_desc-flnmconnpfdr_statmap.nii.gz").get_fdata()
+    np.testing.assert_allclose(pfdr[_mask()], _benjamini_hochberg(expected["p"]), atol=1e-5, rtol=1e-3)
+    sidecar = json.loads(t_map.with_name(t_map.name.replace(".nii.gz", ".json")).read_text())
+    assert sidecar["Connectome"] == "conn" and sidecar["Method"] == "boes" and sidecar["NumberOfSubjects"] == 6
+    # Parcel-level mean t: independent numpy mean of the t map (resampled by nibabel onto
+    # the 1 mm atlas grid, trilinear) per Schaefer parcel.
+    table = pd.read_csv(anat / f"sub-01_space-{SPACE}_atlas-Schaefer2018_seg-100Parcels7Networks_label-lesion_desc-flnmconnt_parcelstats.tsv", sep="\t")
+    atlas = nib.load(shared_atlases / "tpl-MNI152NLin6Asym_res-01_atlas-Schaefer2018_desc-100Parcels7Networks_dseg.nii.gz")
+    from nibabel.processing import resample_from_to
+
+    t_1mm = resample_from_to(nib.load(t_map), atlas, order=1).get_fdata()
+    labels = np.asanyarray(atlas.dataobj).astype(int)
+    for region in (1, 50, 100):
+        assert table.loc[table["index"] == region, "mean"].item() == pytest.approx(t_1mm[labels == region].mean(), abs=1e-4)
+    assert validate_bids_derivatives(out, raise_on_error=False)["errors"] == []
+
+    group = _run(bids, out, "group")
+    assert group.exit_code == 0, group.output
+    group_t = pd.read_csv(out / "group" / "atlas-Schaefer2018_seg-100Parcels7Networks_desc-flnmconntMean_parcelstats.tsv", sep="\t")
+    assert list(group_t["participant_id"]) == ["sub-01", "sub-02"]
+    assert group_t.loc[0, table.loc[0, "name"]] == pytest.approx(table.loc[0, "mean"])
+    validator = shutil.which("bids-validator-deno") or str(Path(sys.executable).with_name("bids-validator-deno"))
+    if Path(validator).exists():
+        official = subprocess.run([validator, str(out)], capture_output=True, text=True)
+        assert official.returncode == 0 and "[ERROR]" not in official.stdout, official.stdout[-3000:]
+
+
+def test_registered_connectome_pini_and_rerun_skips(tmp_path, dataset, shared_atlases, monkeypatch):
+    bids, connectome, data = dataset
+    register = _run("connectomes", "register", "Tiny", connectome, "--space", SPACE, "--resolution", "2")
+    assert register.exit_code == 0, register.output
+    out = tmp_path / "out"
+    args = [bids, out, "participant", "--participant-label", "01", "02", "--functional-connectome", "Tiny", "--flnm-method", "pini", "--mem", "0.5", "--analysis", "FunctionalNetworkMapping", "--atlas-dir", shared_atlases, "--atlas", ATLAS]
+    first = _run(*args)
+    assert first.exit_code == 0, first.output
+    anat = out / "sub-01" / "anat"
+    assert (anat / f"sub-01_space-{SPACE}_res-2_label-lesion_desc-flnmTinyz_statmap.nii.gz").is_file()
+    assert not list(anat.glob("*regionaldamage*"))  # only the functional analysis was asked for
+    provenance = json.loads((anat / "sub-01_label-lesion_provenance.json").read_text())
+    step = next(s for s in provenance["steps"] if s["name"] == "FunctionalNetworkMapping")
+    assert step["parameters"]["method"] == "pini" and step["parameters"]["connectome"] == "Tiny"
+    second = _run(*args)
+    assert "2 skipped" in second.output
+    missing = _run(bids, out, "participant", "--analysis", "FunctionalNetworkMapping")
+    assert missing.exit_code == 2 and "--functional-connectome" in missing.output
