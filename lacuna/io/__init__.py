@@ -5,7 +5,9 @@ The public API follows the Lacuna reference documentation (``lacuna.io``).
 
 from lacuna.core.errors import BidsError
 from lacuna.io.bids import export_bids_derivatives, load_bids_dataset, save_nifti
+from lacuna.assets.connectomes import get_connectome_path
 from lacuna.io.cache import get_data_dir
+from lacuna.io.convert import gsp1000_to_hdf5, merge_trk_to_tck, trk_to_tck
 from lacuna.io.export import (
     batch_export_to_csv,
     batch_export_to_tsv,
@@ -25,7 +27,11 @@ __all__ = [
     "export_results_to_csv",
     "export_results_to_json",
     "export_results_to_tsv",
+    "get_connectome_path",
     "get_data_dir",
+    "gsp1000_to_hdf5",
+    "merge_trk_to_tck",
+    "trk_to_tck",
     "load_bids_dataset",
     "save_nifti",
     "validate_bids_derivatives",
