@@ -12,7 +12,6 @@ import json
 import logging
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 

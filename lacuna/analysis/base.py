@@ -80,6 +80,39 @@ class Analysis(ABC):
         return f"{self.name}({params})"
 
 
+class BatchAnalysis(Analysis):
+    """An analysis that maps many lesions together (e.g. one connectome pass for all).
+
+    Subclasses implement :meth:`iter_batch`, yielding each subject (with results) or its
+    error as soon as it is ready, and :meth:`lesions_per_pass` for memory planning.
+    """
+
+    @abstractmethod
+    def iter_batch(self, subjects: list[SubjectData]):
+        """Yield ``(index, SubjectData | Exception)`` for every subject."""
+
+    @abstractmethod
+    def lesions_per_pass(self, extra_bytes: int = 0) -> int:
+        """Lesions one pass can take within the memory budget, counting ``extra_bytes``
+        more per lesion held by the caller."""
+
+    def run(self, subject: SubjectData) -> SubjectData:
+        return self.run_batch([subject])[0]
+
+    def run_batch(self, subjects: list[SubjectData]) -> list[SubjectData]:
+        """Map many lesions; raises the first per-lesion error. Results hold full maps:
+        for large cohorts use :meth:`iter_batch` and export each subject as it comes."""
+        results: list[SubjectData | None] = [None] * len(subjects)
+        for index, outcome in self.iter_batch(subjects):
+            if isinstance(outcome, Exception):
+                raise outcome
+            results[index] = outcome
+        return results
+
+    def compute(self, subject: SubjectData, step: ProvenanceStep) -> dict[str, Result]:
+        return self.run(subject).results[self.name]
+
+
 def alphanumeric(text: str) -> str:
     """``text`` with everything but letters and digits removed (for BIDS labels)."""
     return re.sub(r"[^A-Za-z0-9]", "", text)

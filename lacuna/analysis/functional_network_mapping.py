@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lacuna.analysis.base import Analysis, mask_on_grid
+from lacuna.analysis.base import BatchAnalysis, mask_on_grid
 from lacuna.analysis.functional_engine import (
     R_MAX,
     PassTiming,
@@ -95,7 +95,7 @@ class PreparedLesion:
     step: ProvenanceStep
 
 
-class FunctionalNetworkMapping(Analysis):
+class FunctionalNetworkMapping(BatchAnalysis):
     """Functional lesion network mapping against a normative connectome.
 
     Parameters
@@ -167,29 +167,6 @@ class FunctionalNetworkMapping(Analysis):
 
     def input_files(self) -> list[InputFile]:
         return [InputFile.from_path(f"connectome:{self.connectome.name}", f.path) for f in self.connectome.files]
-
-    def compute(self, subject: SubjectData, step: ProvenanceStep) -> dict[str, Result]:
-        outcome = next(self.iter_batch([subject]))[1]
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome.results[self.name]
-
-    def run(self, subject: SubjectData) -> SubjectData:
-        """Map one lesion (one pass over the connectome)."""
-        return self.run_batch([subject])[0]
-
-    def run_batch(self, subjects: list[SubjectData]) -> list[SubjectData]:
-        """Map many lesions with one pass per memory-sized chunk.
-
-        Raises the first per-lesion error. Every result holds several full-size maps: for
-        large cohorts use :meth:`iter_batch` and export each subject as it comes.
-        """
-        results: list[SubjectData | None] = [None] * len(subjects)
-        for index, outcome in self.iter_batch(subjects):
-            if isinstance(outcome, Exception):
-                raise outcome
-            results[index] = outcome
-        return results
 
     def iter_batch(self, subjects: list[SubjectData]) -> Iterator[tuple[int, SubjectData | Exception]]:
         """Yield ``(index, subject with results)`` or ``(index, error)`` per lesion.

@@ -48,7 +48,7 @@ from lacuna.core.errors import DownloadError, ParcellationError, SpaceError
 from lacuna.core.provenance import utc_now
 from lacuna.core.spaces import EQUIVALENT_SPACES, SUPPORTED_SPACES, Grid, canonical_space
 from lacuna.assets.registry import JsonRegistry, file_lock
-from lacuna.io.cache import get_data_dir
+from lacuna.core.datadir import get_data_dir
 from lacuna.io.download import download_file, redact_url
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lacuna.core.errors import LacunaError
-from lacuna.io.cache import atomic_write_text, get_data_dir
+from lacuna.core.atomic import atomic_write_text
+from lacuna.core.datadir import get_data_dir
 
 
 @contextmanager

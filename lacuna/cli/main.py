@@ -210,7 +210,7 @@ def run_command(bids_dir, output_dir, analysis_level, verbose, quiet, analyses, 
 
 def _run_participant(config: RunConfig) -> None:
     from lacuna.cli.participant import run_participant
-    from lacuna.io.atomic import write_json
+    from lacuna.core.atomic import write_json
 
     if config.work_dir:
         write_json(config.work_dir / "lacuna_participant_config.json", config.to_dict())
@@ -379,6 +379,18 @@ def demo(out_dir, nprocs, verbose, quiet):
     except LacunaError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(report)
+
+
+def _register_optional_commands() -> None:
+    """Commands defined in their own modules (``lacuna fetch``)."""
+    try:
+        from lacuna.cli.fetch_commands import fetch
+    except ImportError:
+        return
+    cli.add_command(fetch)
+
+
+_register_optional_commands()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lacuna.analysis import Analysis, ParcelAggregation, RegionalDamage
+from lacuna.analysis.base import BatchAnalysis
 from lacuna.analysis.functional_network_mapping import FunctionalNetworkMapping
 from lacuna.cli import messages
 from lacuna.cli.config import MASK_SUFFIXES, RunConfig
@@ -23,7 +24,7 @@ from lacuna.core.entities import parse_entities
 from lacuna.core.errors import BidsError, ValidationError
 from lacuna.core.provenance import ProvenanceStep
 from lacuna.core.subject import SubjectData
-from lacuna.io.atomic import remove_stale_temporaries
+from lacuna.core.atomic import remove_stale_temporaries
 from lacuna.io.bids import (
     export_bids_derivatives,
     find_mask_files,
@@ -148,27 +149,28 @@ def build_analyses(config: RunConfig) -> list[Analysis]:
     return analyses
 
 
-def build_functional(config: RunConfig) -> list[FunctionalNetworkMapping]:
-    """One functional mapping per ``--functional-connectome``."""
+def build_batch_analyses(config: RunConfig) -> list[BatchAnalysis]:
+    """Analyses that map all lesions of a group together (one connectome pass each)."""
     return [
-        FunctionalNetworkMapping(
-            connectome, method=config.flnm_method, memory_budget_gb=config.mem_gb
-        )
+        FunctionalNetworkMapping(connectome, method=config.flnm_method, memory_budget_gb=config.mem_gb)
         for connectome in config.functional_connectomes
     ]
 
 
-def parcel_aggregations(config: RunConfig, mapping: FunctionalNetworkMapping) -> list[ParcelAggregation]:
-    """Parcel-level means of a functional mapping's t and z maps, per atlas."""
-    return [
-        ParcelAggregation(
-            f"{mapping.name}.{mapping.connectome.name}_{stat}",
-            parcellations=list(config.atlases),
-            method="mean",
-            atlas_dir=config.atlas_dir,
-        )
-        for stat in ("t", "z")
-    ]
+def follow_up_analyses(config: RunConfig, analysis: BatchAnalysis) -> list[Analysis]:
+    """Per-mask analyses run on a batch analysis' results before they are written:
+    parcel-level means of functional t and z maps, per atlas."""
+    if isinstance(analysis, FunctionalNetworkMapping):
+        return [
+            ParcelAggregation(
+                f"{analysis.name}.{analysis.connectome.name}_{stat}",
+                parcellations=list(config.atlases),
+                method="mean",
+                atlas_dir=config.atlas_dir,
+            )
+            for stat in ("t", "z")
+        ]
+    return []
 
 
 def run_fingerprint(config: RunConfig, analyses: list[Analysis]) -> dict:
@@ -284,15 +286,15 @@ def run_participant(config: RunConfig) -> ParticipantSummary:
         raise BidsError(messages.NO_MASKS.format(path=config.bids_dir))
     log.info("selected %d mask(s)", len(masks))
     analyses = build_analyses(config)  # resolves (and downloads) atlases once, up front
-    functional = build_functional(config)
-    fingerprint = run_fingerprint(config, analyses + functional)
+    batch = build_batch_analyses(config)
+    fingerprint = run_fingerprint(config, analyses + batch)
     initialise_derivatives(config.output_dir, source_dir=config.bids_dir)
     summary = ParticipantSummary()
     masks, duplicates = _split_duplicate_outputs(masks)
     summary.outcomes.extend(duplicates)
     with _mask_pool(config, len(masks), fingerprint) as pool:
-        if functional:
-            _run_with_functional(config, masks, analyses, functional, fingerprint, pool, summary)
+        if batch:
+            _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary)
         else:
             _run_per_mask(config, masks, analyses, fingerprint, pool, summary)
     summary.outcomes.sort(key=lambda o: str(o.path))
@@ -326,10 +328,10 @@ def _run_per_mask(config, masks, analyses, fingerprint, pool, summary) -> None:
         summary.outcomes.append(outcome)
 
 
-def _run_with_functional(config, masks, analyses, functional, fingerprint, pool, summary) -> None:
+def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary) -> None:
     """Masks in memory-sized groups: per-mask analyses, then one connectome pass per
-    group and connectome for all its lesions, then export."""
-    group_size = min(mapping.lesions_per_pass(extra_bytes=_MASK_BYTES) for mapping in functional)
+    group and batch analysis for all its lesions, then export."""
+    group_size = min(analysis.lesions_per_pass(extra_bytes=_MASK_BYTES) for analysis in batch)
     done = 0
     for first in range(0, len(masks), group_size):
         group = masks[first : first + group_size]
@@ -346,8 +348,8 @@ def _run_with_functional(config, masks, analyses, functional, fingerprint, pool,
                 summary.outcomes.append(item)
             else:
                 subjects.append(item)
-        for mapping in functional:
-            subjects = _map_functional(config, mapping, subjects, summary)
+        for analysis in batch:
+            subjects = _map_batch(config, analysis, subjects, summary)
         for subject in subjects:
             outcome = finish_mask(subject, config, fingerprint, start)
             done += 1
@@ -355,19 +357,20 @@ def _run_with_functional(config, masks, analyses, functional, fingerprint, pool,
             summary.outcomes.append(outcome)
 
 
-def _map_functional(config, mapping, subjects, summary) -> list[SubjectData]:
-    """Map a group's lesions on one connectome; maps are written at once, tables kept."""
-    aggregations = parcel_aggregations(config, mapping)
+def _map_batch(config, analysis, subjects, summary) -> list[SubjectData]:
+    """Map a group's lesions with one batch analysis; maps are written at once (only
+    lazy proxies stay in memory), tables and scalars are kept for the final export."""
+    follow_ups = follow_up_analyses(config, analysis)
     kept: list[SubjectData] = []
     start = time.perf_counter()
-    for index, outcome in mapping.iter_batch(subjects):
+    for index, outcome in analysis.iter_batch(subjects):
         path = Path(subjects[index].metadata["source_path"])
         try:
             if isinstance(outcome, Exception):
                 raise outcome
-            for aggregation in aggregations:
-                outcome = aggregation.run(outcome)
-            kept.append(write_voxel_maps(outcome, config.output_dir, mapping.name))
+            for follow_up in follow_ups:
+                outcome = follow_up.run(outcome)
+            kept.append(write_voxel_maps(outcome, config.output_dir, analysis.name))
         except Exception as exc:
             failure = _failure(path, exc, start)
             log.error("%s: %s", path.name, failure.message)

@@ -6,7 +6,7 @@ The public API follows the Lacuna reference documentation (``lacuna.io``).
 from lacuna.core.errors import BidsError
 from lacuna.io.bids import export_bids_derivatives, load_bids_dataset, save_nifti
 from lacuna.assets.connectomes import get_connectome_path
-from lacuna.io.cache import get_data_dir
+from lacuna.core.datadir import get_data_dir
 from lacuna.io.convert import gsp1000_to_hdf5, merge_trk_to_tck, trk_to_tck
 from lacuna.io.export import (
     batch_export_to_csv,

@@ -22,7 +22,7 @@ from lacuna.core.provenance import sha256_file, software_versions, utc_now
 from lacuna.core.results import ConnectivityMatrix, ParcelData, ScalarMetric, VoxelMap, write_tsv
 from lacuna.core.spaces import SUPPORTED_SPACES
 from lacuna.core.subject import SubjectData
-from lacuna.io.atomic import atomic_path, write_json
+from lacuna.core.atomic import atomic_path, write_json
 from lacuna.io.naming import BIDSIGNORE_PATTERNS, MaskOutputs, format_resolution, sidecar_of
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import pandas as pd
 
 from lacuna.core.results import ConnectivityMatrix, ParcelData, ScalarMetric, VoxelMap
 from lacuna.core.subject import SubjectData
-from lacuna.io.atomic import atomic_path, write_json
+from lacuna.core.atomic import atomic_path, write_json
 from lacuna.io.bids import provenance_record
 
 

@@ -29,7 +29,7 @@ from lacuna.core.provenance import utc_now
 from lacuna.core.results import write_tsv
 from lacuna.core.spaces import Grid
 from lacuna.core.errors import BidsError
-from lacuna.io.atomic import atomic_path, write_json
+from lacuna.core.atomic import atomic_path, write_json
 from lacuna.io.naming import GROUP_DIR, group_overlap, group_table, measure_label, sidecar_of
 
 log = logging.getLogger(__name__)

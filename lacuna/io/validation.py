@@ -12,7 +12,7 @@ from pathlib import Path
 import jsonschema
 
 from lacuna.core.errors import BidsError
-from lacuna.io.atomic import TEMP_MARKER
+from lacuna.core.atomic import TEMP_MARKER
 from lacuna.io.naming import GROUP_DIR, sidecar_of
 
 

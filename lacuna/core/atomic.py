@@ -42,6 +42,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             temporary.unlink()
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
 def _json_safe(value):
     """Replace NaN/inf (invalid JSON) with None, recursively."""
     if isinstance(value, float) and not math.isfinite(value):
