@@ -73,3 +73,62 @@ def write_bids_dataset(root: Path, masks: dict[str, tuple[np.ndarray, np.ndarray
     for relative, (data, affine) in masks.items():
         save_mask(root / relative, data, affine)
     return root
+
+
+@pytest.fixture
+def static_server():
+    """Start HTTP servers on 127.0.0.1 serving folders; yields ``serve(folder) -> base URL``."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    servers = []
+
+    def serve(folder: Path) -> str:
+        handler = functools.partial(QuietHandler, directory=str(folder))
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def write_itk_transform(path: Path, affine_lps: np.ndarray | None = None, field=None) -> Path:
+    """Write an ITK composite transform (HDF5) as ANTs/TemplateFlow do.
+
+    ``affine_lps``: 4x4 matrix mapping reference (fixed) LPS points to moving LPS points.
+    ``field``: (displacements (X, Y, Z, 3) in LPS mm, origin LPS, spacing) on an
+    axis-aligned LPS grid; moving point = fixed point + displacement.
+    """
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as handle:
+        group = handle.create_group("TransformGroup")
+        composite = group.create_group("0")
+        composite["TransformType"] = np.array([b"CompositeTransform_double_3_3"])
+        index = 1
+        if affine_lps is not None:
+            node = group.create_group(str(index))
+            node["TransformType"] = np.array([b"AffineTransform_double_3_3"])
+            node["TransformParameters"] = np.concatenate([affine_lps[:3, :3].ravel(), affine_lps[:3, 3]])
+            node["TransformFixedParameters"] = np.zeros(3)
+            index += 1
+        if field is not None:
+            displacements, origin, spacing = field
+            node = group.create_group(str(index))
+            node["TransformType"] = np.array([b"DisplacementFieldTransform_float_3_3"])
+            # ITK order: the vector components vary fastest, then x, y, z.
+            node["TransformParameters"] = np.moveaxis(displacements, -1, 0).ravel(order="F")
+            node["TransformFixedParameters"] = np.concatenate(
+                [displacements.shape[:3], origin, spacing, np.eye(3).ravel()]
+            ).astype(float)
+    return path

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from lacuna.cli.main import cli, expand_multi_value_options
+from lacuna.core.spaces import standard_grid
 from lacuna.io.validation import validate_bids_derivatives
 
 from test_functional import GRID, SPACE, _benjamini_hochberg, _columns, _mask, _reference, _timeseries, _write
@@ -105,3 +106,43 @@ def test_registered_connectome_pini_and_rerun_skips(tmp_path, dataset, shared_at
     assert "2 skipped" in second.output
     missing = _run(bids, out, "participant", "--analysis", "FunctionalNetworkMapping")
     assert missing.exit_code == 2 and "--functional-connectome" in missing.output
+
+
+def test_mixed_space_cohort_and_output_space(tmp_path, dataset, shared_atlases, static_server, monkeypatch):
+    """A 2009c mask next to 6Asym masks: moved to the connectome space for mapping (the
+    batch path must not skip that), maps written in the requested space."""
+    from conftest import write_itk_transform
+
+    store = tmp_path / "templateflow"
+    for target, source in (("MNI152NLin2009cAsym", SPACE), (SPACE, "MNI152NLin2009cAsym")):
+        write_itk_transform(store / f"tpl-{target}" / f"tpl-{target}_from-{source}_mode-image_xfm.h5", affine_lps=np.eye(4))
+    monkeypatch.setenv("LACUNA_TEMPLATEFLOW_URL", static_server(store))
+    bids, connectome, _ = dataset
+    shutil.rmtree(bids / "sub-03")
+    grid_c = standard_grid("MNI152NLin2009cAsym", 2)
+    ijk = np.indices(grid_c.shape).reshape(3, -1).T
+    xyz = ijk @ grid_c.affine[:3, :3].T + grid_c.affine[:3, 3]
+    centre = GRID.affine[:3, :3] @ np.array([42, 57, 44]) + GRID.affine[:3, 3]  # inside the connectome mask
+    lesion = (np.linalg.norm(xyz - centre, axis=1) <= 4).reshape(grid_c.shape).astype(np.uint8)
+    folder = bids / "sub-04" / "anat"
+    folder.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(lesion, grid_c.affine), folder / "sub-04_space-MNI152NLin2009cAsym_res-2_label-lesion_mask.nii.gz")
+    tables = {}
+    for output_space in ("input", "analysis"):
+        tables[output_space] = _check_output_space(tmp_path / output_space, bids, connectome, shared_atlases, output_space)
+    # Parcel-level results do not depend on the space the maps are written in.
+    assert tables["input"] == tables["analysis"]
+
+
+def _check_output_space(out, bids, connectome, shared_atlases, output_space) -> bytes:
+    result = _run(bids, out, "participant", "--functional-connectome", connectome, "--output-space", output_space, "--atlas-dir", shared_atlases, "--atlas", ATLAS, "--skip-bids-validation")
+    assert result.exit_code == 0, result.output
+    maps = sorted(p.name for p in (out / "sub-04" / "anat").glob("*desc-flnmconnt_statmap.nii.gz"))
+    expected_space = "MNI152NLin2009cAsym" if output_space == "input" else SPACE
+    assert maps == [f"sub-04_space-{expected_space}_res-2_label-lesion_desc-flnmconnt_statmap.nii.gz"]
+    shape = nib.load(out / "sub-04" / "anat" / maps[0]).shape
+    assert shape == ((97, 115, 97) if output_space == "input" else (91, 109, 91))
+    table = out / "sub-04" / "anat" / "sub-04_space-MNI152NLin2009cAsym_atlas-Schaefer2018_seg-100Parcels7Networks_label-lesion_desc-flnmconnt_parcelstats.tsv"
+    assert table.is_file()
+    assert validate_bids_derivatives(out, raise_on_error=False)["errors"] == []
+    return table.read_bytes()

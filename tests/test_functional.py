@@ -198,10 +198,13 @@ def test_1mm_lesion_is_resampled_to_the_connectome_grid(tmp_path):
     # 2 mm voxel (41, 56, 44) covers 1 mm voxels 81..83 x 111..113 x 87..89 (half at the edges).
     voxels = [(x, y, z) for x in range(81, 84) for y in range(111, 114) for z in range(87, 90)]
     lesion = _lesion(tmp_path, "A", voxels, grid=grid_1mm)
-    result = FunctionalNetworkMapping(tmp_path / "conn.h5").run(lesion)
+    result = FunctionalNetworkMapping(tmp_path / "conn.h5", return_in_input_space=False).run(lesion)
     expected = _reference(data.astype(np.float32), _columns([(41, 56, 44)]))
     np.testing.assert_allclose(_map(result, "conn", "z"), expected["z"], atol=1e-4)
     assert any("resampled" in note for note in result.provenance[-1].notes)
+    # By default the maps come back on the lesion's 1 mm grid.
+    back = FunctionalNetworkMapping(tmp_path / "conn.h5").run(lesion).results["FunctionalNetworkMapping"]["conn_z"]
+    assert back.data.shape == grid_1mm.shape and back.resolution == 1.0
 
 
 def test_zero_variance_and_nan_voxels_are_left_out_per_subject(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from lacuna import SubjectData
 from lacuna.analysis import RegionalDamage
-from lacuna.core.errors import AnalysisError
+from lacuna.core.errors import DownloadError
 from lacuna.core.spaces import Grid, standard_grid
 
 from conftest import save_mask, sphere
@@ -148,10 +148,11 @@ def test_several_parcellations_in_one_run(tmp_path, shared_atlases, grid_1mm):
     assert abs(totals[0] - totals[1]) / totals[0] < 0.05
 
 
-def test_mask_in_other_space_is_a_clear_error(tmp_path, shared_atlases):
+def test_mask_in_other_space_without_transform_is_a_clear_error(tmp_path, shared_atlases, monkeypatch):
+    monkeypatch.setenv("LACUNA_TEMPLATEFLOW_URL", "http://127.0.0.1:9")  # offline: nothing there
     grid = standard_grid("MNI152NLin2009cAsym", 2)
     subject = _subject(tmp_path, sphere(grid, (0, 0, 0), 8), grid, space="MNI152NLin2009cAsym")
-    with pytest.raises(AnalysisError, match="MNI152NLin6Asym"):
+    with pytest.raises(DownloadError, match="MNI152NLin6Asym"):
         RegionalDamage(["Schaefer2018_100Parcels7Networks"], atlas_dir=shared_atlases).run(subject)
 
 

@@ -8,16 +8,18 @@ parameters, the reference files read (with checksums) and timestamps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from abc import ABC, abstractmethod
 
+import nibabel as nib
 import numpy as np
 
 from lacuna.core.errors import AnalysisError, SpaceError
 from lacuna.core.provenance import InputFile, ProvenanceStep
-from lacuna.core.results import Result
-from lacuna.core.spaces import Grid, canonical_space, coverage_fraction
+from lacuna.core.results import Result, VoxelMap
+from lacuna.core.spaces import Grid, canonical_space, to_space
 from lacuna.core.subject import SubjectData
 
 log = logging.getLogger(__name__)
@@ -124,29 +126,55 @@ def mask_on_grid(
     """The subject's mask as coverage fractions (0..1) on ``target``.
 
     On the subject's own grid this is the mask itself; on another grid of the same space
-    it is the fraction of each target voxel covered by the lesion (see
-    :mod:`lacuna.core.spaces`). A note is added to ``step`` when resampling happens.
+    it is the fraction of each target voxel covered by the lesion; in the other MNI
+    space the mask goes through the TemplateFlow transform (see
+    :func:`lacuna.core.spaces.to_space`). Every move is noted in ``step`` (with the
+    transform file among its inputs).
 
     Raises
     ------
     AnalysisError
-        If the target grid lives in another space than the mask.
+        If the target space is not supported.
     """
     try:
-        same_space = canonical_space(target_space) == subject.space
+        target_space = canonical_space(target_space)
     except SpaceError as exc:
         raise AnalysisError(str(exc)) from None
-    if not same_space:
-        raise AnalysisError(
-            f"the reference data is in {target_space} but the mask is in {subject.space}; "
-            "use reference data in the mask's space"
-        )
-    if target.matches(subject.grid):
+    if target_space == subject.space and target.matches(subject.grid):
         return subject.mask.astype(np.float32)
-    note = (
-        f"mask resampled from {subject.grid.describe()} to {target.describe()} "
-        "(coverage fraction; a voxel counts as lesioned when at least half covered)"
-    )
-    if note not in step.notes:
-        step.notes.append(note)
-    return coverage_fraction(subject.mask, subject.affine, target)
+    moved, notes = to_space(subject.mask_img, subject.space, target_space, grid=target, kind="mask")
+    record_move(step, notes, subject.space, target_space)
+    return np.asanyarray(moved.dataobj)
+
+
+def record_move(step: ProvenanceStep, notes: list[str], source: str, target: str) -> None:
+    """Note a move between grids/spaces in ``step``; a transform file becomes an input."""
+    for note in notes:
+        if note not in step.notes:
+            step.notes.append(note)
+    if source != target:
+        from lacuna.assets.templates import transform_path
+
+        transform = InputFile.from_path(f"transform:{source}->{target}", transform_path(source, target))
+        if transform not in step.inputs:
+            step.inputs.append(transform)
+
+
+def voxel_maps_to_space(
+    results: dict[str, Result], space: str, resolution: float, step: ProvenanceStep
+) -> dict[str, Result]:
+    """``results`` with every VoxelMap brought onto the standard grid of ``space`` at
+    ``resolution`` (trilinear; other results unchanged)."""
+    moved = {}
+    for key, result in results.items():
+        if isinstance(result, VoxelMap) and (
+            canonical_space(result.space) != space or float(result.resolution) != float(resolution)
+        ):
+            img = nib.Nifti1Image(np.asarray(result.data, dtype=np.float32), result.affine)
+            out, notes = to_space(img, result.space, space, resolution=resolution, kind="continuous")
+            record_move(step, [f"{result.name} map: {note}" for note in notes], canonical_space(result.space), space)
+            result = dataclasses.replace(
+                result, data=np.asanyarray(out.dataobj), affine=out.affine, space=space, resolution=float(resolution), written_to=None
+            )
+        moved[key] = result
+    return moved

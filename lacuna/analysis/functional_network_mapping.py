@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lacuna.analysis.base import BatchAnalysis, mask_on_grid
+from lacuna.analysis.base import BatchAnalysis, mask_on_grid, voxel_maps_to_space
 from lacuna.analysis.functional_engine import (
     R_MAX,
     PassTiming,
@@ -115,6 +115,9 @@ class FunctionalNetworkMapping(BatchAnalysis):
         Also output a binary map of |t| > ``t_threshold``.
     memory_budget_gb : float, optional
         Memory for the lesion chunk of one pass; default half the available memory.
+    return_in_input_space : bool
+        Bring the maps back onto the lesion's own space and grid (trilinear, through the
+        TemplateFlow transform across spaces); otherwise they stay on the connectome grid.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
         fdr_alpha: float = 0.05,
         t_threshold: float | None = None,
         memory_budget_gb: float | None = None,
+        return_in_input_space: bool = True,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown seed method {method!r}; choose one of {', '.join(METHODS)}")
@@ -144,6 +148,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
         self.fdr_alpha = float(fdr_alpha)
         self.t_threshold = None if t_threshold is None else float(t_threshold)
         self.memory_budget = int(memory_budget_gb * 1024**3) if memory_budget_gb else default_memory_budget()
+        self.return_in_input_space = return_in_input_space
         self.last_timing: list[PassTiming] = []
 
     @property
@@ -163,6 +168,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
             "fdr_alpha": self.fdr_alpha,
             "t_threshold": self.t_threshold,
             "fisher_z_clip": R_MAX,
+            "return_in_input_space": self.return_in_input_space,
         }
 
     def input_files(self) -> list[InputFile]:
@@ -249,6 +255,9 @@ class FunctionalNetworkMapping(BatchAnalysis):
             statistics = pool.map(lambda row: self._statistics(sums, row), range(len(chunk)))
             for row, (lesion, used, stats) in enumerate(zip(chunk, columns, statistics)):
                 results = self._results(lesion, used, stats, int(sums.excluded_seeds[row]))
+                if self.return_in_input_space:
+                    subject = lesion.subject
+                    results = voxel_maps_to_space(results, subject.space, subject.resolution, lesion.step)
                 lesion.step.notes.append(
                     f"seed from {used.size} of {lesion.columns.size} lesion voxels in the mask ({self.method})"
                 )

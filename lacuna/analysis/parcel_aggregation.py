@@ -9,12 +9,12 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from lacuna.analysis.base import Analysis, alphanumeric, mask_on_grid
+from lacuna.analysis.base import Analysis, alphanumeric, mask_on_grid, record_move
 from lacuna.assets.parcellations import Parcellation, ParcellationImage, get_parcellation
 from lacuna.core.errors import AnalysisError
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.results import ParcelData, Result, VoxelMap
-from lacuna.core.spaces import canonical_space, resample_continuous
+from lacuna.core.spaces import canonical_space, to_space
 from lacuna.core.subject import SubjectData
 
 METHODS = ("mean", "sum", "max", "percent")
@@ -120,15 +120,12 @@ class ParcelAggregation(Analysis):
         if self.source == "mask":
             return mask_on_grid(subject, image.grid, space, step)
         voxel_map = _find_voxel_map(subject, self.source)
-        if canonical_space(space) != canonical_space(voxel_map.space):
-            raise AnalysisError(
-                f"{self.source} is in {voxel_map.space} but {image.name} is in {space}"
-            )
-        if voxel_map.grid.matches(image.grid):
+        if canonical_space(voxel_map.space) == canonical_space(space) and voxel_map.grid.matches(image.grid):
             return np.asarray(voxel_map.data, dtype=np.float64)
-        step.notes.append(f"{self.source} resampled (trilinear) onto the {image.name} grid")
         source_img = nib.Nifti1Image(np.asarray(voxel_map.data, np.float32), voxel_map.affine)
-        return np.asanyarray(resample_continuous(source_img, image.grid).dataobj, dtype=np.float64)
+        moved, notes = to_space(source_img, voxel_map.space, space, grid=image.grid, kind="continuous")
+        record_move(step, [f"{self.source} onto the {image.name} grid: {n}" for n in notes], canonical_space(voxel_map.space), canonical_space(space))
+        return np.asanyarray(moved.dataobj, dtype=np.float64)
 
 
 def _find_voxel_map(subject: SubjectData, source: str) -> VoxelMap:

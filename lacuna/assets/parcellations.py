@@ -49,7 +49,7 @@ from lacuna.core.provenance import utc_now
 from lacuna.core.spaces import EQUIVALENT_SPACES, SUPPORTED_SPACES, Grid, canonical_space
 from lacuna.assets.registry import JsonRegistry, file_lock
 from lacuna.core.datadir import get_data_dir
-from lacuna.io.download import download_file, redact_url
+from lacuna.io.download import SMALL_FILE_BACKOFF, SMALL_FILE_RETRIES, download_file, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -789,7 +789,7 @@ def _sources(entry: CatalogueEntry) -> tuple[str, str, str]:
 
 def _download(entry: CatalogueEntry, url: str, dest: Path) -> None:
     try:
-        download_file(url, dest)
+        download_file(url, dest, retries=SMALL_FILE_RETRIES, backoff=SMALL_FILE_BACKOFF)
     except DownloadError as exc:
         raise ParcellationError(
             f"could not download parcellation {entry.name}: {exc} To use a mirror, set "

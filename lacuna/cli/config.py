@@ -37,6 +37,7 @@ class RunConfig:
     functional_connectomes: tuple[str, ...] = ()
     flnm_method: str = "boes"
     mem_gb: float | None = None
+    output_space: str = "input"
 
     def __post_init__(self):
         self.bids_dir = Path(self.bids_dir).resolve()

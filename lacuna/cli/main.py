@@ -131,6 +131,14 @@ def cli():
     help="Space of masks whose file name and sidecar do not declare one (overrides both).",
 )
 @click.option(
+    "--output-space",
+    type=click.Choice(["input", "analysis"]),
+    default="input",
+    show_default=True,
+    help="Space of voxel maps: the mask's own space and grid (input) or the analysis' space, e.g. "
+    "the connectome grid (analysis). Parcel-level tables are the same either way.",
+)
+@click.option(
     "--analysis",
     "analyses",
     multiple=True,

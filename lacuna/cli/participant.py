@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import logging
 import multiprocessing
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lacuna.analysis import Analysis, ParcelAggregation, RegionalDamage
-from lacuna.analysis.base import BatchAnalysis
+from lacuna.analysis.base import BatchAnalysis, voxel_maps_to_space
 from lacuna.analysis.functional_network_mapping import FunctionalNetworkMapping
 from lacuna.cli import messages
 from lacuna.cli.config import MASK_SUFFIXES, RunConfig
@@ -152,7 +153,9 @@ def build_analyses(config: RunConfig) -> list[Analysis]:
 def build_batch_analyses(config: RunConfig) -> list[BatchAnalysis]:
     """Analyses that map all lesions of a group together (one connectome pass each)."""
     return [
-        FunctionalNetworkMapping(connectome, method=config.flnm_method, memory_budget_gb=config.mem_gb)
+        FunctionalNetworkMapping(
+            connectome, method=config.flnm_method, memory_budget_gb=config.mem_gb, return_in_input_space=False
+        )
         for connectome in config.functional_connectomes
     ]
 
@@ -177,6 +180,7 @@ def run_fingerprint(config: RunConfig, analyses: list[Analysis]) -> dict:
     """What decides whether existing outputs are still valid for this run."""
     return {
         "mask_space": config.mask_space,
+        "output_space": config.output_space,
         "analyses": [
             {
                 "name": analysis.name,
@@ -370,12 +374,24 @@ def _map_batch(config, analysis, subjects, summary) -> list[SubjectData]:
                 raise outcome
             for follow_up in follow_ups:
                 outcome = follow_up.run(outcome)
+            if config.output_space == "input":
+                outcome = _maps_to_input_space(outcome, analysis.name)
             kept.append(write_voxel_maps(outcome, config.output_dir, analysis.name))
         except Exception as exc:
             failure = _failure(path, exc, start)
             log.error("%s: %s", path.name, failure.message)
             summary.outcomes.append(failure)
     return kept
+
+
+def _maps_to_input_space(subject: SubjectData, analysis_name: str) -> SubjectData:
+    """Bring one analysis' voxel maps onto the mask's own space and grid (parcel-level
+    results, computed before, are unaffected)."""
+    step = next(s for s in reversed(subject.provenance) if s.name == analysis_name)
+    moved = voxel_maps_to_space(subject.results[analysis_name], subject.space, subject.resolution, step)
+    new = copy.copy(subject)
+    new.results = {**subject.results, analysis_name: moved}
+    return new
 
 
 def _output_key(path: Path) -> tuple:

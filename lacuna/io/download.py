@@ -80,6 +80,12 @@ def part_path(dest: str | Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
+#: Retry policy for small reference files (atlases, transforms): a failing source is
+#: reported within seconds instead of after minutes of backoff.
+SMALL_FILE_RETRIES = 2
+SMALL_FILE_BACKOFF = 0.25
+
+
 def download_file(
     url: str,
     dest: str | Path,
