@@ -130,3 +130,17 @@ def test_functional_maps_come_back_in_the_input_space(tmp_path, static_server, m
     columns = np.sort(lookup[on_connectome & _mask()])
     expected_t = _reference(data.astype(np.float32), columns)["t"]
     np.testing.assert_allclose(t_native.data[_mask()], expected_t, atol=1e-4)
+
+
+def test_transforms_fetch_command_caches_both_directions(tmp_path, static_server, monkeypatch):
+    from click.testing import CliRunner
+
+    from lacuna.cli.main import cli
+
+    _serve_transforms(static_server, tmp_path, monkeypatch, {"affine_lps": np.eye(4)}, {"affine_lps": np.eye(4)})
+    result = CliRunner().invoke(cli, ["transforms", "fetch"])
+    assert result.exit_code == 0, result.output
+    from lacuna.core.datadir import get_data_dir
+
+    cached = sorted(p.name for p in (get_data_dir() / "templateflow").rglob("*.h5"))
+    assert cached == [f"tpl-{C}_from-{SIX}_mode-image_xfm.h5", f"tpl-{SIX}_from-{C}_mode-image_xfm.h5"]

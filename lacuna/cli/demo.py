@@ -1,9 +1,11 @@
-"""``lacuna demo``: a small SYNTHETIC dataset and parcellation, run end to end offline.
+"""``lacuna demo``: a small SYNTHETIC dataset, parcellation and connectome, run offline.
 
 Nothing here is real data. The lesions are spheres; the parcellation
 ``SyntheticDemo_16Parcels`` cuts an ellipsoid "brain" into 16 blocks (hemisphere x 4
-antero-posterior bands x inferior/superior). It exists so a new user can see every
-output of Lacuna within seconds, without downloading anything.
+antero-posterior bands x inferior/superior); the functional connectome
+``SyntheticDemo.h5`` holds a few subjects of random timeseries sharing one signal per
+block. It exists so a new user can see every output of Lacuna within seconds, without
+downloading anything.
 """
 
 from __future__ import annotations
@@ -81,6 +83,27 @@ def write_demo_atlas(atlas_dir: Path) -> None:
     (atlas_dir / f"{stem}.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
 
 
+def write_demo_connectome(path: Path, n_subjects: int = 5, n_timepoints: int = 40) -> Path:
+    """Write the SYNTHETIC functional connectome: per subject, every voxel of a block
+    follows that block's random signal plus noise (so lesions map onto their block)."""
+    from lacuna.io.functional_connectome import ConnectomeWriter
+
+    grid = standard_grid("MNI152NLin6Asym", 2)
+    labels, _ = synthetic_parcellation(grid)
+    indices = np.array(np.nonzero(labels))
+    blocks = labels[tuple(indices)] - 1
+    rng = np.random.default_rng(2024)
+    with ConnectomeWriter(
+        path, n_subjects, n_timepoints, indices, grid.affine, grid.shape, "MNI152NLin6Asym", 2.0,
+        dtype="float16", attributes={"source": "SYNTHETIC demo data, not a real connectome"},
+    ) as writer:
+        for _ in range(n_subjects):
+            signals = rng.standard_normal((n_timepoints, 16), dtype=np.float32)
+            noise = rng.standard_normal((n_timepoints, blocks.size), dtype=np.float32)
+            writer.write((signals[:, blocks] + 1.5 * noise).astype(np.float16))
+    return path
+
+
 def write_demo_dataset(bids_dir: Path) -> list[Path]:
     """Write the SYNTHETIC BIDS dataset of lesion masks; returns the mask paths."""
     bids_dir.mkdir(parents=True, exist_ok=True)
@@ -114,6 +137,7 @@ def run_demo(out_dir: str | Path, nprocs: int = 1) -> str:
     bids_dir, atlas_dir = out_dir / "bids", out_dir / "atlases"
     derivatives = out_dir / "derivatives" / "lacuna"
     write_demo_atlas(atlas_dir)
+    connectome = write_demo_connectome(out_dir / "connectome" / "SyntheticDemo.h5")
     masks = write_demo_dataset(bids_dir)
     config = RunConfig(
         bids_dir=bids_dir,
@@ -123,13 +147,16 @@ def run_demo(out_dir: str | Path, nprocs: int = 1) -> str:
         atlas_dir=atlas_dir,
         nprocs=nprocs,
         overwrite=True,
+        functional_connectomes=(str(connectome),),
+        output_space="analysis",  # keep the demo light: maps on the 2 mm connectome grid
+        skip_bids_validation=True,  # the demo's masks are named like derivatives, as usual
     )
     participant = run_participant(config)
     group = run_group(derivatives)
     report = validate_bids_derivatives(derivatives, raise_on_error=True)
     return "\n".join(
         [
-            f"demo dataset (SYNTHETIC): {bids_dir} ({len(masks)} masks)",
+            f"demo dataset (SYNTHETIC): {bids_dir} ({len(masks)} masks), connectome {connectome}",
             participant.text(),
             f"group level: {len(group.masks)} mask(s); outputs in {derivatives / 'group'}",
             f"validation: {len(report['errors'])} error(s), {len(report['warnings'])} warning(s)",

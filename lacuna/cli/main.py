@@ -290,6 +290,26 @@ def atlases_register(name, image, labels, space, citation, overwrite):
 
 
 @cli.group()
+def transforms():
+    """TemplateFlow transforms between MNI152NLin6Asym and MNI152NLin2009cAsym."""
+
+
+@transforms.command("fetch")
+@click.option("-v", "--verbose", count=True)
+def transforms_fetch(verbose):
+    """Download both transforms into the data cache (LACUNA_TEMPLATEFLOW_URL for a mirror),
+    so that runs across spaces need no network."""
+    from lacuna.assets.templates import transform_path
+
+    _setup_logging(verbose, 0)
+    try:
+        for source, target in (("MNI152NLin6Asym", "MNI152NLin2009cAsym"), ("MNI152NLin2009cAsym", "MNI152NLin6Asym")):
+            click.echo(f"{source} -> {target}: {transform_path(source, target)}")
+    except LacunaError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.group()
 def connectomes():
     """List, register and remove normative connectomes."""
 
