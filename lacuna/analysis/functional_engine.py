@@ -256,10 +256,10 @@ def stream_fisher_z(
     # Threads share the cores; BLAS must not spawn its own threads inside each of them.
     with ThreadPoolExecutor(max_workers=worker_threads()) as pool, threadpool_limits(1, user_api="blas"):
         waited = time.perf_counter()
-        for timeseries in connectome.iter_subjects():
+        # The reader thread also forms the seeds, while this thread maps the previous subject.
+        for timeseries, (seeds_t, invalid_seeds) in connectome.iter_subjects(prepare=seeds.seeds):
             timing.waiting_for_data += time.perf_counter() - waited
             timing.bytes_read += timeseries.nbytes
-            seeds_t, invalid_seeds = seeds.seeds(timeseries)
             worker = _BlockWorker(np.ascontiguousarray(seeds_t.T), sums, partial_dz, partial_dz2)
             invalid_voxels = np.concatenate(list(pool.map(lambda b: worker(timeseries, b), blocks)))
             timing.flops += 2.0 * timeseries.shape[0] * n_lesions * n_voxels

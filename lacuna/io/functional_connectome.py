@@ -148,11 +148,13 @@ class FunctionalConnectome:
         volume[(...,) + tuple(self.mask_indices)] = values
         return volume
 
-    def iter_subjects(self, prefetch: int = 2) -> Iterator[np.ndarray]:
+    def iter_subjects(self, prefetch: int = 2, prepare=None) -> Iterator:
         """Yield each subject's raw timeseries (n_timepoints, n_voxels), in order.
 
         A background thread reads up to ``prefetch`` subjects ahead, so reading the next
         subject overlaps with processing the current one. Arrays keep their stored type.
+        With ``prepare``, the reader thread also computes ``prepare(timeseries)`` and
+        ``(timeseries, prepared)`` pairs are yielded.
         """
         buffer: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         stop = threading.Event()
@@ -165,7 +167,8 @@ class FunctionalConnectome:
                         for index in range(batch.n_subjects):
                             if stop.is_set():
                                 return
-                            buffer.put(dataset[index])
+                            timeseries = dataset[index]
+                            buffer.put(timeseries if prepare is None else (timeseries, prepare(timeseries)))
                 buffer.put(None)
             except BaseException as exc:  # handed to the consumer
                 buffer.put(exc)
