@@ -67,9 +67,8 @@ class BidsAppGroup(click.Group):
         return super().parse_args(ctx, args)
 
     def format_usage(self, ctx, formatter):
-        formatter.write_usage(
-            "lacuna", "BIDS_DIR OUTPUT_DIR {participant,group} [OPTIONS]\n       lacuna COMMAND [ARGS]..."
-        )
+        formatter.write("Usage: lacuna BIDS_DIR OUTPUT_DIR {participant,group} [OPTIONS]\n")
+        formatter.write("       lacuna COMMAND [ARGS]...\n")
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:
