@@ -18,6 +18,7 @@ import click
 from lacuna._version import __version__
 from lacuna.cli import messages
 from lacuna.cli.config import ANALYSES, DEFAULT_ANALYSES, DEFAULT_ATLASES, RunConfig
+from lacuna.cli.fetch_commands import connectomes_status, fetch
 from lacuna.core.errors import LacunaError
 
 log = logging.getLogger("lacuna")
@@ -30,6 +31,7 @@ MULTI_VALUE_OPTIONS = (
     "--atlas",
     "--analysis",
     "--functional-connectome",
+    "--structural-connectome",
 )
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _LEVELS = ("participant", "group")
@@ -154,6 +156,15 @@ def cli():
     "an HDF5 file/folder (repeatable; one set of outputs per connectome).",
 )
 @click.option(
+    "--structural-connectome",
+    "structural_connectomes",
+    multiple=True,
+    metavar="NAME|PATH",
+    help="Normative tractogram for structural LNM (disconnection): a registered name or a .tck/.trk "
+    "file whose space is registered or in a sidecar <stem>.json (\"SpatialReference\") "
+    "(repeatable; one set of outputs per connectome).",
+)
+@click.option(
     "--flnm-method",
     type=click.Choice(["boes", "pini"]),
     default="boes",
@@ -203,7 +214,11 @@ def run_command(bids_dir, output_dir, analysis_level, verbose, quiet, analyses, 
         analysis_level=analysis_level,
         analyses=tuple(dict.fromkeys(canonical[a.lower()] for a in analyses)) or DEFAULT_ANALYSES,
         atlases=tuple(dict.fromkeys(atlases)) or DEFAULT_ATLASES,
-        **{**options, "functional_connectomes": tuple(dict.fromkeys(options["functional_connectomes"]))},
+        **{
+            **options,
+            "functional_connectomes": tuple(dict.fromkeys(options["functional_connectomes"])),
+            "structural_connectomes": tuple(dict.fromkeys(options["structural_connectomes"])),
+        },
     )
     try:
         if analysis_level == "participant":
@@ -408,16 +423,9 @@ def demo(out_dir, nprocs, verbose, quiet):
     click.echo(report)
 
 
-def _register_optional_commands() -> None:
-    """Commands defined in their own modules (``lacuna fetch``)."""
-    try:
-        from lacuna.cli.fetch_commands import fetch
-    except ImportError:
-        return
-    cli.add_command(fetch)
-
-
-_register_optional_commands()
+# Commands defined in their own modules.
+cli.add_command(fetch)
+connectomes.add_command(connectomes_status, "status")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,9 +17,28 @@ from lacuna.io.export import (
     export_results_to_tsv,
 )
 from lacuna.io.validation import validate_bids_derivatives
+from lacuna.io.downloaders.base import ConnectomeSource, FetchConfig, FetchProgress, FetchResult
+from lacuna.io.fetch import (
+    fetch_connectome,
+    fetch_dtor985,
+    fetch_gsp1000,
+    fetch_hcp1065,
+    get_fetch_status,
+    list_fetchable_connectomes,
+)
 
 __all__ = [
     "BidsError",
+    "ConnectomeSource",
+    "FetchConfig",
+    "FetchProgress",
+    "FetchResult",
+    "fetch_connectome",
+    "fetch_dtor985",
+    "fetch_gsp1000",
+    "fetch_hcp1065",
+    "get_fetch_status",
+    "list_fetchable_connectomes",
     "batch_export_to_csv",
     "batch_export_to_tsv",
     "export_bids_derivatives",
