@@ -20,6 +20,8 @@ def isolated_data_dir(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.mktemp("lacuna_cache")
     monkeypatch.setenv("LACUNA_DATA_DIR", str(cache))
     monkeypatch.delenv("LACUNA_ATLAS_URL", raising=False)
+    monkeypatch.delenv("LACUNA_DATA_PATH", raising=False)
+    monkeypatch.delenv("LACUNA_TEMPLATEFLOW_URL", raising=False)
     try:
         from lacuna.assets.parcellations import clear_parcellation_cache
 

@@ -48,7 +48,7 @@ from lacuna.core.errors import DownloadError, ParcellationError, SpaceError
 from lacuna.core.provenance import utc_now
 from lacuna.core.spaces import EQUIVALENT_SPACES, SUPPORTED_SPACES, Grid, canonical_space
 from lacuna.assets.registry import JsonRegistry, file_lock
-from lacuna.core.datadir import get_data_dir
+from lacuna.core.datadir import data_search_dirs, get_data_dir
 from lacuna.io.download import SMALL_FILE_BACKOFF, SMALL_FILE_RETRIES, download_file, redact_url
 
 log = logging.getLogger(__name__)
@@ -723,14 +723,16 @@ def atlas_cache_dir() -> Path:
 
 
 def _cached_catalogue(entry: CatalogueEntry) -> Parcellation | None:
-    folder = atlas_cache_dir()
-    image = folder / entry.image_file
-    if not image.is_file():
-        return None
-    for ext in _LABEL_EXTENSIONS:
-        labels = folder / (entry.stem + ext)
-        if labels.is_file():
-            return _intern(Parcellation(entry.name, image, labels, entry.space, entry.citation))
+    """A catalogue parcellation already in the data directory or on ``LACUNA_DATA_PATH``."""
+    for data_dir in data_search_dirs():
+        folder = data_dir / ATLAS_CACHE_DIRNAME
+        image = folder / entry.image_file
+        if not image.is_file():
+            continue
+        for ext in _LABEL_EXTENSIONS:
+            labels = folder / (entry.stem + ext)
+            if labels.is_file():
+                return _intern(Parcellation(entry.name, image, labels, entry.space, entry.citation))
     return None
 
 

@@ -4,7 +4,8 @@
 resamples an image of space A onto a grid of space B: ITK transforms map points of the
 reference (B) into the moving image (A), in LPS millimetres. Files are downloaded on
 first use from ``$LACUNA_TEMPLATEFLOW_URL`` (default TemplateFlow's public store), laid
-out as the store: ``<base>/tpl-<B>/<file>``, into ``<data dir>/templateflow/tpl-<B>/``.
+out as the store: ``<base>/tpl-<B>/<file>``, into ``<data dir>/templateflow/tpl-<B>/``
+(files already on ``LACUNA_DATA_PATH`` are used as they are).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from lacuna.assets.registry import file_lock
-from lacuna.core.datadir import get_data_dir
+from lacuna.core.datadir import find_data_file, get_data_dir
 from lacuna.core.errors import DownloadError, SpaceError
 from lacuna.core.spaces import canonical_space
 from lacuna.io.download import SMALL_FILE_BACKOFF, SMALL_FILE_RETRIES, download_file, redact_url
@@ -46,9 +47,11 @@ def transform_path(source: str, target: str) -> Path:
     if source == target:
         raise SpaceError(f"no transform needed from {source} to itself")
     name = transform_file_name(source, target)
-    path = get_data_dir() / "templateflow" / f"tpl-{target}" / name
-    if path.is_file():
-        return path
+    relative = Path("templateflow", f"tpl-{target}", name)
+    found = find_data_file(relative)
+    if found is not None:
+        return found
+    path = get_data_dir() / relative
     base = os.environ.get(TEMPLATEFLOW_URL_ENV) or DEFAULT_TEMPLATEFLOW_URL
     url = f"{base.rstrip('/')}/tpl-{target}/{name}"
     path.parent.mkdir(parents=True, exist_ok=True)

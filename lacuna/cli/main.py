@@ -270,13 +270,18 @@ def atlases_list(atlas_dir):
 
 
 @atlases.command("fetch")
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1)
+@click.option("--all", "fetch_all", is_flag=True, help="Every parcellation of the catalogue.")
 @click.option("-v", "--verbose", count=True)
-def atlases_fetch(names, verbose):
+def atlases_fetch(names, fetch_all, verbose):
     """Download catalogue parcellations into the data cache (LACUNA_ATLAS_URL for a mirror)."""
-    from lacuna.assets.parcellations import get_parcellation
+    from lacuna.assets.parcellations import CATALOGUE, get_parcellation
 
     _setup_logging(verbose, 0)
+    if fetch_all:
+        names = tuple(CATALOGUE)
+    if not names:
+        raise click.UsageError("name the parcellations to fetch, or pass --all")
     try:
         for name in names:
             parcellation = get_parcellation(name)

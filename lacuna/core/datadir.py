@@ -27,3 +27,24 @@ def get_data_dir() -> Path:
     if xdg:
         return (Path(xdg).expanduser() / "lacuna").resolve()
     return (Path.home() / ".cache" / "lacuna").resolve()
+
+
+#: Read-only folders searched after the data directory (``os.pathsep``-separated), e.g.
+#: the atlases and transforms baked into a container image while ``LACUNA_DATA_DIR``
+#: points at a mounted connectome cache.
+DATA_PATH_ENV = "LACUNA_DATA_PATH"
+
+
+def data_search_dirs() -> list[Path]:
+    """The data directory, then the folders of ``$LACUNA_DATA_PATH`` (in order)."""
+    extra = [Path(p).expanduser() for p in os.environ.get(DATA_PATH_ENV, "").split(os.pathsep) if p.strip()]
+    return [get_data_dir(), *extra]
+
+
+def find_data_file(relative: str | Path) -> Path | None:
+    """The first existing ``<folder>/<relative>`` over :func:`data_search_dirs`."""
+    for folder in data_search_dirs():
+        path = folder / relative
+        if path.is_file():
+            return path
+    return None
