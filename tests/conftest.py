@@ -12,16 +12,19 @@ import pytest
 from lacuna.core.spaces import Grid, standard_grid
 
 SHARED_ATLASES = Path(__file__).resolve().parents[2] / "shared" / "data" / "atlases"
+CLOSED_URL = "http://127.0.0.1:9"  # the discard port: nothing listens there
 
 
 @pytest.fixture(autouse=True)
 def isolated_data_dir(tmp_path_factory, monkeypatch):
-    """Every test gets its own empty data cache; no test sees the user's cache."""
+    """Every test gets its own empty data cache and no network source."""
     cache = tmp_path_factory.mktemp("lacuna_cache")
     monkeypatch.setenv("LACUNA_DATA_DIR", str(cache))
-    monkeypatch.delenv("LACUNA_ATLAS_URL", raising=False)
     monkeypatch.delenv("LACUNA_DATA_PATH", raising=False)
-    monkeypatch.delenv("LACUNA_TEMPLATEFLOW_URL", raising=False)
+    # No test may reach the internet: every source points at a closed local port unless
+    # the test starts its own server and says so.
+    for variable in ("LACUNA_ATLAS_URL", "LACUNA_TEMPLATEFLOW_URL", "LACUNA_DATAVERSE_URL", "LACUNA_FIGSHARE_API_URL", "LACUNA_HCP1065_URL"):
+        monkeypatch.setenv(variable, CLOSED_URL)
     try:
         from lacuna.assets.parcellations import clear_parcellation_cache
 

@@ -146,3 +146,10 @@ def _check_output_space(out, bids, connectome, shared_atlases, output_space) -> 
     assert table.is_file()
     assert validate_bids_derivatives(out, raise_on_error=False)["errors"] == []
     return table.read_bytes()
+
+
+def test_unknown_connectome_is_a_clear_error(tmp_path, dataset, shared_atlases):
+    bids, _, _ = dataset
+    result = _run(bids, tmp_path / "out", "participant", "--functional-connectome", tmp_path / "missing.h5", "--atlas-dir", shared_atlases, "--atlas", ATLAS, "--skip-bids-validation")
+    assert result.exit_code == 2
+    assert "missing.h5" in result.output and "neither a registered functional connectome" in result.output

@@ -3,5 +3,6 @@
 from lacuna.analysis.base import Analysis
 from lacuna.analysis.parcel_aggregation import ParcelAggregation
 from lacuna.analysis.regional_damage import RegionalDamage
+from lacuna.analysis.structural_network_mapping import StructuralNetworkMapping
 
-__all__ = ["Analysis", "ParcelAggregation", "RegionalDamage"]
+__all__ = ["Analysis", "ParcelAggregation", "RegionalDamage", "StructuralNetworkMapping"]

@@ -218,9 +218,8 @@ def resolve_connectome(name_or_path: str | Path, kind: str) -> tuple[str, Path]:
     Raises
     ------
     ConnectomeError
-        If a registered name is of the wrong kind.
-    FileNotFoundError
-        If it is neither a registered name nor an existing path.
+        If a registered name is of the wrong kind, or it is neither a registered name
+        nor an existing path.
     """
     text = str(name_or_path)
     if text in _REGISTRY.read():
@@ -232,9 +231,9 @@ def resolve_connectome(name_or_path: str | Path, kind: str) -> tuple[str, Path]:
     if path.exists():
         return re.sub(r"[^A-Za-z0-9]", "", path.stem if path.is_file() else path.name) or "connectome", path.resolve()
     known = ", ".join(c.name for c in list_connectomes(kind)) or "none"
-    raise FileNotFoundError(
+    raise ConnectomeError(
         f"{text!r} is neither a registered {kind} connectome (registered: {known}) nor an "
-        "existing path"
+        "existing path; check the name or path, or register it with `lacuna connectomes register`"
     )
 
 

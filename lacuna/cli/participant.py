@@ -19,6 +19,7 @@ from pathlib import Path
 from lacuna.analysis import Analysis, ParcelAggregation, RegionalDamage
 from lacuna.analysis.base import BatchAnalysis, voxel_maps_to_space
 from lacuna.analysis.functional_network_mapping import FunctionalNetworkMapping
+from lacuna.analysis.structural_network_mapping import StructuralNetworkMapping
 from lacuna.cli import messages
 from lacuna.cli.config import MASK_SUFFIXES, RunConfig
 from lacuna.core.entities import parse_entities
@@ -151,13 +152,25 @@ def build_analyses(config: RunConfig) -> list[Analysis]:
 
 
 def build_batch_analyses(config: RunConfig) -> list[BatchAnalysis]:
-    """Analyses that map all lesions of a group together (one connectome pass each)."""
-    return [
+    """Analyses that map all lesions of a group together (one connectome pass, or one
+    tractogram index, each)."""
+    functional: list[BatchAnalysis] = [
         FunctionalNetworkMapping(
             connectome, method=config.flnm_method, memory_budget_gb=config.mem_gb, return_in_input_space=False
         )
         for connectome in config.functional_connectomes
     ]
+    structural: list[BatchAnalysis] = [
+        StructuralNetworkMapping(
+            connectome,
+            parcellations=list(config.atlases),
+            atlas_dir=config.atlas_dir,
+            memory_budget_gb=config.mem_gb,
+            return_in_input_space=False,
+        )
+        for connectome in config.structural_connectomes
+    ]
+    return functional + structural
 
 
 def follow_up_analyses(config: RunConfig, analysis: BatchAnalysis) -> list[Analysis]:
