@@ -155,8 +155,12 @@ class FunctionalConnectome:
         subject overlaps with processing the current one. Arrays keep their stored type.
         With ``prepare``, the reader thread also computes ``prepare(timeseries)`` and
         ``(timeseries, prepared)`` pairs are yielded.
+
+        Subjects are read into a few preallocated buffers that are reused: a yielded
+        array is valid until the next one is requested (copy it to keep it).
         """
-        buffer: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        prefetch = max(1, prefetch)
+        buffer: queue.Queue = queue.Queue(maxsize=prefetch)
         stop = threading.Event()
 
         def read_all() -> None:
@@ -164,10 +168,14 @@ class FunctionalConnectome:
                 for batch in self.files:
                     with h5py.File(batch.path, "r") as handle:
                         dataset = handle["timeseries"]
+                        # Preallocated buffers: those in the queue, the consumer's current
+                        # subject, and the one being read (no page faults per subject).
+                        ring = [np.empty(dataset.shape[1:], dtype=dataset.dtype) for _ in range(prefetch + 2)]
                         for index in range(batch.n_subjects):
                             if stop.is_set():
                                 return
-                            timeseries = dataset[index]
+                            timeseries = ring[index % len(ring)]
+                            dataset.read_direct(timeseries, source_sel=np.s_[index])
                             buffer.put(timeseries if prepare is None else (timeseries, prepare(timeseries)))
                 buffer.put(None)
             except BaseException as exc:  # handed to the consumer
