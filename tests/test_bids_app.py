@@ -862,7 +862,7 @@ def test_kill_and_rerun_gives_identical_tables(tmp_path):
 
     tsvs = sorted(p.relative_to(out) for p in out.rglob("*.tsv"))
     assert tsvs == sorted(p.relative_to(clean_out) for p in clean_out.rglob("*.tsv"))
-    assert len(tsvs) == 16 + 6  # per mask 2 atlases; group: 2 atlases x 3 measures
+    assert len(tsvs) == 16 + 6 + 1  # per mask 2 atlases; group: 2 atlases x 3 measures + scalars
     for rel in tsvs:
         assert (out / rel).read_bytes() == (clean_out / rel).read_bytes(), rel
     assert temporaries(out) == []

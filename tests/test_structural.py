@@ -500,7 +500,7 @@ def test_bids_app_structural_participant_and_group(tmp_path, small_tck, shared_a
     def run(*args):
         return CliRunner().invoke(cli, expand_multi_value_options([str(a) for a in args]), catch_exceptions=False)
 
-    result = run(bids, out, "participant", "--structural-connectome", tck, "--atlas-dir", shared_atlases, "--atlas", SCHAEFER, "--skip-bids-validation")
+    result = run(bids, out, "participant", "--tractogram", tck, "--atlas-dir", shared_atlases, "--atlas", SCHAEFER, "--skip-bids-validation")
     assert result.exit_code == 0, result.output
     anat = out / "sub-01" / "anat"
     disconnection = anat / f"sub-01_space-{SPACE}_res-2_label-lesion_desc-snmtinydisconnection_probseg.nii.gz"
@@ -523,9 +523,17 @@ def test_bids_app_structural_participant_and_group(tmp_path, small_tck, shared_a
     assert group.exit_code == 0, group.output
     group_table = pd.read_csv(out / "group" / "atlas-Schaefer2018_seg-100Parcels7Networks_desc-snmtinyFractionCut_parcelstats.tsv", sep="\t")
     assert list(group_table["participant_id"]) == ["sub-01", "sub-02"]
+    # Group table of the percentage of streamlines disconnected: the reference's numbers.
+    group_scalars = pd.read_csv(out / "group" / "desc-structuralnetworkmapping_scalars.tsv", sep="\t")
+    assert list(group_scalars["participant_id"]) == ["sub-01", "sub-02"]
+    cut_01 = _reference_results(streamlines, masks["01"][0])[0]
+    expected = 100.0 * len(cut_01) / len(streamlines)
+    assert group_scalars.loc[0, "tiny_percent_disconnected"] == pytest.approx(expected)
+    regional = pd.read_csv(out / "group" / "desc-regionaldamage_scalars.tsv", sep="\t")
+    assert regional.loc[0, "lesion_volume_mm3"] == pytest.approx(masks["01"][0].sum() * 8.0)
     validator = shutil.which("bids-validator-deno") or str(Path(sys.executable).with_name("bids-validator-deno"))
     if Path(validator).exists():
         official = subprocess.run([validator, str(out)], capture_output=True, text=True)
         assert official.returncode == 0 and "[ERROR]" not in official.stdout, official.stdout[-3000:]
-    rerun = run(bids, out, "participant", "--structural-connectome", tck, "--structural-connectome", tck, "--atlas-dir", shared_atlases, "--atlas", SCHAEFER, "--skip-bids-validation")
+    rerun = run(bids, out, "participant", "--tractogram", tck, "--tractogram", tck, "--atlas-dir", shared_atlases, "--atlas", SCHAEFER, "--skip-bids-validation")
     assert "2 skipped" in rerun.output  # a repeated connectome counts once

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from abc import ABC, abstractmethod
 
 import nibabel as nib
@@ -113,11 +112,6 @@ class BatchAnalysis(Analysis):
 
     def compute(self, subject: SubjectData, step: ProvenanceStep) -> dict[str, Result]:
         return self.run(subject).results[self.name]
-
-
-def alphanumeric(text: str) -> str:
-    """``text`` with everything but letters and digits removed (for BIDS labels)."""
-    return re.sub(r"[^A-Za-z0-9]", "", text)
 
 
 def mask_on_grid(

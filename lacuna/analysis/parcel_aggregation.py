@@ -9,7 +9,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from lacuna.analysis.base import Analysis, alphanumeric, mask_on_grid, record_move
+from lacuna.analysis.base import Analysis, mask_on_grid, record_move
+from lacuna.io.naming import alphanumeric
 from lacuna.assets.parcellations import Parcellation, ParcellationImage, get_parcellation
 from lacuna.core.errors import AnalysisError
 from lacuna.core.provenance import InputFile, ProvenanceStep

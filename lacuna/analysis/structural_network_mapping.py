@@ -59,7 +59,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from lacuna.analysis.base import BatchAnalysis, alphanumeric, mask_on_grid, record_move, voxel_maps_to_space
+from lacuna.analysis.base import BatchAnalysis, mask_on_grid, record_move, voxel_maps_to_space
+from lacuna.io.naming import alphanumeric
 from lacuna.analysis.functional_network_mapping import default_memory_budget
 from lacuna.assets.connectomes import STRUCTURAL, ConnectomeError, get_registered_connectome, list_connectomes, resolve_connectome
 from lacuna.assets.parcellations import Parcellation, ParcellationImage, get_parcellation

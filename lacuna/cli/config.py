@@ -35,7 +35,7 @@ class RunConfig:
     skip_bids_validation: bool = False
     overwrite: bool = False
     functional_connectomes: tuple[str, ...] = ()
-    structural_connectomes: tuple[str, ...] = ()
+    tractograms: tuple[str, ...] = ()
     flnm_method: str = "boes"
     mem_gb: float | None = None
     output_space: str = "input"

@@ -31,7 +31,7 @@ MULTI_VALUE_OPTIONS = (
     "--atlas",
     "--analysis",
     "--functional-connectome",
-    "--structural-connectome",
+    "--tractogram",
 )
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _LEVELS = ("participant", "group")
@@ -156,8 +156,8 @@ def cli():
     "an HDF5 file/folder (repeatable; one set of outputs per connectome).",
 )
 @click.option(
-    "--structural-connectome",
-    "structural_connectomes",
+    "--tractogram",
+    "tractograms",
     multiple=True,
     metavar="NAME|PATH",
     help="Normative tractogram for structural LNM (disconnection): a registered name or a .tck/.trk "
@@ -217,7 +217,7 @@ def run_command(bids_dir, output_dir, analysis_level, verbose, quiet, analyses, 
         **{
             **options,
             "functional_connectomes": tuple(dict.fromkeys(options["functional_connectomes"])),
-            "structural_connectomes": tuple(dict.fromkeys(options["structural_connectomes"])),
+            "tractograms": tuple(dict.fromkeys(options["tractograms"])),
         },
     )
     try:

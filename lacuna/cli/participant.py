@@ -168,7 +168,7 @@ def build_batch_analyses(config: RunConfig) -> list[BatchAnalysis]:
             memory_budget_gb=config.mem_gb,
             return_in_input_space=False,
         )
-        for connectome in config.structural_connectomes
+        for connectome in config.tractograms
     ]
     return functional + structural
 

@@ -5,6 +5,8 @@ writes, under ``group/``:
 
 * one TSV per analysis table, parcellation and measure: one row per
   subject/session/mask, one column per parcel (``..._desc-<table><Measure>_parcelstats.tsv``);
+* one TSV per analysis of its scalar results (lesion volume, percentage of streamlines
+  disconnected, peak t, ...): one row per mask (``desc-<analysis>_scalars.tsv``);
 * lesion-overlap maps per space and resolution: the count of masks covering each voxel
   (``desc-lesioncount_statmap``) and the proportion (``desc-lesionoverlap_probseg``);
 * ``summary.json``: which masks went in, which were incomplete, which files came out.
@@ -30,7 +32,7 @@ from lacuna.core.results import write_tsv
 from lacuna.core.spaces import Grid
 from lacuna.core.errors import BidsError
 from lacuna.core.atomic import atomic_path, write_json
-from lacuna.io.naming import GROUP_DIR, group_overlap, group_table, measure_label, sidecar_of
+from lacuna.io.naming import GROUP_DIR, alphanumeric, group_overlap, group_scalars, group_table, measure_label, sidecar_of
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,7 @@ def run_group(output_dir: str | Path) -> GroupSummary:
         )
     summary = GroupSummary(masks=masks, incomplete=incomplete)
     summary.written.extend(_write_group_tables(output_dir, masks))
+    summary.written.extend(_write_group_scalars(output_dir, masks))
     summary.written.extend(_write_overlap_maps(output_dir, masks))
     summary.written.append(_write_summary(output_dir, summary))
     return summary
@@ -163,6 +166,42 @@ def _write_group_tables(output_dir: Path, masks: list[CompletedMask]) -> list[Pa
                 }
                 for region in frame.columns
                 if region not in (*IDENTITY_COLUMNS, "acq", "run")
+            },
+        }
+        write_json(sidecar_of(path), sidecar)
+        written.append(path)
+    return written
+
+
+def _write_group_scalars(output_dir: Path, masks: list[CompletedMask]) -> list[Path]:
+    """One table per analysis: a row per mask, a column per scalar result."""
+    rows: dict[str, list[dict]] = {}
+    columns: dict[str, dict] = {}
+    for mask in masks:
+        for path in mask.outputs:
+            if not path.name.endswith("_scalars.json"):
+                continue
+            document = json.loads(path.read_text(encoding="utf-8"))
+            for analysis, scalars in document.items():
+                row = _identity_columns(mask)
+                row.update({key: entry.get("Value") for key, entry in scalars.items()})
+                rows.setdefault(analysis, []).append(row)
+                for key, entry in scalars.items():
+                    columns.setdefault(analysis, {}).setdefault(key, entry)
+    written = []
+    for analysis, table_rows in sorted(rows.items()):
+        path = output_dir / group_scalars(alphanumeric(analysis).lower())
+        frame = pd.DataFrame(table_rows)
+        with atomic_path(path) as temporary:
+            write_tsv(frame, temporary)
+        sidecar = {
+            "participant_id": {"Description": "Participant of the mask"},
+            "session_id": {"Description": "Session of the mask (n/a when none)"},
+            "label": {"Description": "Label (label- entity) of the mask"},
+            **{k: {"Description": f"{k} entity of the mask"} for k in ("acq", "run") if k in frame},
+            **{
+                key: {"Description": entry.get("Description") or key, **({"Units": entry["Units"]} if entry.get("Units") else {})}
+                for key, entry in columns[analysis].items()
             },
         }
         write_json(sidecar_of(path), sidecar)

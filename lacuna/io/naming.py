@@ -177,6 +177,16 @@ def group_table(parcellation: str, desc: str) -> Path:
     return Path(GROUP_DIR) / build_name({**parcellation_entities(parcellation), "desc": desc}, "parcelstats", ".tsv")
 
 
+def group_scalars(desc: str) -> Path:
+    """A group-level table of one analysis' scalar results under ``group/``."""
+    return Path(GROUP_DIR) / build_name({"desc": desc}, "scalars", ".tsv")
+
+
+def alphanumeric(text: str) -> str:
+    """``text`` with everything but letters and digits removed (for BIDS labels)."""
+    return re.sub(r"[^A-Za-z0-9]", "", text)
+
+
 def group_overlap(space: str, resolution: float, desc: str, suffix: str) -> Path:
     """A group-level lesion overlap NIfTI under ``group/``."""
     entities = {"space": space, "res": format_resolution(resolution), "desc": desc}
