@@ -33,7 +33,7 @@ import requests
 from lacuna.core.atomic import write_json
 from lacuna.core.errors import AuthenticationError, DownloadError
 from lacuna.core.provenance import utc_now
-from lacuna.io.download import redact_url
+from lacuna.io.download import download_file, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -475,6 +475,35 @@ class RemoteFile:
 
 
 _UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f]")
+
+
+def download_remote(
+    remote: RemoteFile,
+    dest: str | Path,
+    *,
+    headers: Mapping[str, str],
+    auth_help: str,
+    verify: bool = True,
+    progress=None,
+) -> Path:
+    """Download a listed file with the shared retry policy, checking its listed size and
+    MD5 when ``verify``; errors name the file, and a refused key says how to get one."""
+    try:
+        return download_file(
+            remote.url,
+            dest,
+            headers=headers,
+            expected_md5=remote.md5 if verify else None,
+            expected_size=remote.size if verify else None,
+            retries=RETRIES,
+            backoff=RETRY_BACKOFF_SECONDS,
+            timeout=TIMEOUT_SECONDS,
+            progress=progress,
+        )
+    except AuthenticationError as exc:
+        raise AuthenticationError(f"{exc} {auth_help}") from None
+    except DownloadError as exc:
+        raise DownloadError(f"{remote.name}: {exc}") from None
 
 
 def safe_filename(name: Any, where: str) -> str:

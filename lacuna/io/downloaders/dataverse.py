@@ -17,8 +17,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from lacuna.core.errors import AuthenticationError, DownloadError
-from lacuna.io.download import download_file, redact_url
+from lacuna.core.errors import DownloadError
+from lacuna.io.download import redact_url
 from lacuna.io.downloaders import base
 from lacuna.io.downloaders.base import RemoteFile, request_json, safe_filename
 
@@ -128,19 +128,6 @@ class DataverseClient:
         DownloadError
             On 404, a checksum mismatch, or when the retries are exhausted.
         """
-        try:
-            return download_file(
-                remote.url,
-                dest,
-                headers=self._headers(),
-                expected_md5=remote.md5 if verify else None,
-                expected_size=remote.size if verify else None,
-                retries=base.RETRIES,
-                backoff=base.RETRY_BACKOFF_SECONDS,
-                timeout=base.TIMEOUT_SECONDS,
-                progress=progress,
-            )
-        except AuthenticationError as exc:
-            raise AuthenticationError(f"{exc} {AUTH_HELP}") from None
-        except DownloadError as exc:
-            raise DownloadError(f"{remote.name}: {exc}") from None
+        return base.download_remote(
+            remote, dest, headers=self._headers(), auth_help=AUTH_HELP, verify=verify, progress=progress
+        )
