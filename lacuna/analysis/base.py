@@ -53,6 +53,12 @@ class Analysis(ABC):
     def compute(self, subject: SubjectData, step: ProvenanceStep) -> dict[str, Result]:
         """Compute results for one subject; may add notes to ``step``."""
 
+    def step_factory(self):
+        """A maker of provenance steps for many subjects: parameters and input files
+        (hashes) are gathered once, each step gets its own copies."""
+        parameters, inputs = self.parameters(), self.input_files()
+        return lambda: ProvenanceStep(name=self.name, kind="analysis", parameters=dict(parameters), inputs=list(inputs))
+
     def run(self, subject: SubjectData) -> SubjectData:
         """Run the analysis on one subject.
 
@@ -66,9 +72,7 @@ class Analysis(ABC):
         SubjectData
             A copy with results under ``results[self.name]`` and a provenance step.
         """
-        step = ProvenanceStep(
-            name=self.name, kind="analysis", parameters=self.parameters(), inputs=self.input_files()
-        )
+        step = self.step_factory()()
         results = self.compute(subject, step)
         return subject.with_results(self.name, results, step.finish())
 

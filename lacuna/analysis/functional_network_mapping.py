@@ -182,17 +182,17 @@ class FunctionalNetworkMapping(BatchAnalysis):
         connectome (two for ``pini``).
         """
         lookup = self.connectome.voxel_lookup()
+        new_step = self.step_factory()
         prepared: list[PreparedLesion] = []
         for index, subject in enumerate(subjects):
             try:
-                prepared.append(self._prepare(index, subject, lookup))
+                prepared.append(self._prepare(index, subject, lookup, new_step()))
             except Exception as exc:  # reported per lesion
                 yield index, exc
         for chunk in self._chunks(prepared):
             yield from self._map_chunk(chunk)
 
-    def _prepare(self, index: int, subject: SubjectData, lookup: np.ndarray) -> PreparedLesion:
-        step = ProvenanceStep(name=self.name, kind="analysis", parameters=self.parameters(), inputs=self.input_files())
+    def _prepare(self, index: int, subject: SubjectData, lookup: np.ndarray, step: ProvenanceStep) -> PreparedLesion:
         coverage = mask_on_grid(subject, self.connectome.grid, self.connectome.space, step)
         lesion = coverage >= HALF_COVERAGE
         n_lesion = int(lesion.sum())

@@ -206,16 +206,16 @@ class StructuralNetworkMapping(BatchAnalysis):
         """Yield ``(index, subject with results)`` or ``(index, error)`` per lesion, in
         order; all lesions share the tractogram index (built on first use)."""
         index = self.index
+        new_step = self.step_factory()
         for number, subject in enumerate(subjects):
             try:
-                yield number, self._map(subject, index)
+                yield number, self._map(subject, index, new_step())
             except Exception as exc:  # reported per lesion
                 yield number, exc
 
     # -- one lesion --------------------------------------------------------------------
 
-    def _map(self, subject: SubjectData, index: TractogramIndex) -> SubjectData:
-        step = ProvenanceStep(name=self.name, kind="analysis", parameters=self.parameters(), inputs=self.input_files())
+    def _map(self, subject: SubjectData, index: TractogramIndex, step: ProvenanceStep) -> SubjectData:
         coverage = mask_on_grid(subject, self.grid, self.space, step)
         lesion = np.asarray(coverage) >= HALF_COVERAGE
         voxels = np.flatnonzero(lesion.ravel())
