@@ -142,6 +142,52 @@ def test_maps_match_numpy_reference(tmp_path, dtype):
     assert scalars["conn_peak_t"].value == pytest.approx(t[np.argmax(np.abs(t))], abs=1e-3)
 
 
+# Eight lesions of 1-9 voxels, enough for the centre + matrix-product path of the engine
+# (the one-pass kernel serves up to DIRECT_MAX_LESIONS lesions).
+COHORT = [[(40 + i, 55 + j, 42 + k) for i in range(1 + k % 3) for j in range(3)] for k in range(8)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_cohort_pass_matches_numpy_reference(tmp_path, dtype):
+    from lacuna.analysis.functional_engine import DIRECT_MAX_LESIONS
+
+    assert len(COHORT) > DIRECT_MAX_LESIONS
+    data = _timeseries(11, 33, seed=11)
+    data[3, :, 70] = 2.5  # constant voxel in one subject
+    data[6, 5, 300] = np.inf  # non-finite voxel in another
+    (tmp_path / "batched").mkdir()
+    _write(tmp_path / "batched", data, dtype=dtype, batches=2)
+    stored = data.astype(dtype)
+    lesions = [_lesion(tmp_path, f"L{k}", voxels) for k, voxels in enumerate(COHORT)]
+    results = FunctionalNetworkMapping(tmp_path / "batched").run_batch(lesions)
+    for result, voxels in zip(results, COHORT):
+        expected = _reference(stored, _columns(voxels))
+        for voxel, bad in ((70, 3), (300, 6)):
+            keep = [s for s in range(11) if s != bad]
+            for stat, value in _reference(stored[keep], _columns(voxels)).items():
+                expected[stat][voxel] = value[voxel]
+        for stat in ("z", "r", "t"):
+            np.testing.assert_allclose(_map(result, "batched", stat), expected[stat], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(_map(result, "batched", "p"), expected["p"], atol=1e-5, rtol=1e-3)
+
+
+def test_unmappable_files_are_read_through_hdf5(tmp_path):
+    """A compressed connectome cannot be memory-mapped: HDF5 reads it, same maps."""
+    data = _timeseries(6, 24, seed=13)
+    _write(tmp_path / "plain.h5", data)
+    indices = np.array(np.nonzero(_mask()))
+    with h5py.File(tmp_path / "gzip.h5", "w") as handle:
+        handle.create_dataset("timeseries", data=data.astype(np.float32), chunks=(1, 24, indices.shape[1]), compression="gzip")
+        handle.create_dataset("mask_indices", data=indices)
+        handle.create_dataset("mask_affine", data=GRID.affine)
+        handle.attrs.update(mask_shape=GRID.shape, space=SPACE, resolution=2.0, format_version="1.0")
+    lesions = [_lesion(tmp_path, f"L{k}", voxels) for k, voxels in enumerate(COHORT[:6])]
+    plain = FunctionalNetworkMapping(tmp_path / "plain.h5").run_batch(lesions)
+    compressed = FunctionalNetworkMapping(tmp_path / "gzip.h5").run_batch(lesions)
+    for a, b in zip(plain, compressed):
+        np.testing.assert_array_equal(_map(a, "plain", "t"), _map(b, "gzip", "t"))
+
+
 def test_batch_split_and_cohort_size_do_not_change_the_maps(tmp_path):
     data = _timeseries(20, 30, seed=3)
     _write(tmp_path / "single.h5", data)

@@ -1,22 +1,27 @@
 """The streaming engine of functional lesion network mapping.
 
-One pass over the connectome serves a whole chunk of lesions. For each connectome
-subject (timeseries ``X``, T x V, read by a background thread while the previous subject
-is computed):
+One pass over the connectome serves a whole chunk of lesions. A background thread maps
+(or reads) the connectome subjects and forms every lesion's seed for each of them: the
+weighted mean of its voxels' centred timeseries, normalised (T x L). Subjects are then
+taken in groups of :func:`group_size`; the brain is cut into voxel blocks spread over
+threads, and for each block and each subject of the group:
 
-1. every lesion's seed is the weighted mean of its voxels' centred timeseries, formed
-   at once for all lesions from the gathered lesion columns (T x L), then normalised;
-2. the brain is cut into voxel blocks spread over threads; for each block the voxel
-   timeseries are converted to float32, centred and normalised while in cache, one
-   float32 matrix product ``seeds.T @ block`` gives all lesions' Pearson r for the block,
-   and Fisher z = arctanh(clip(r, -R_MAX, R_MAX)) and z^2 are added to float32 partial
-   sums, which are folded into float64 running sums every :data:`FLUSH_EVERY` subjects.
+1. the voxel timeseries are widened to float32 and centred, and their norms taken
+   (:func:`~lacuna.analysis.functional_kernels.centre_block`), while in cache;
+2. one float32 matrix product ``seeds.T @ block`` gives all lesions' correlations, which
+   are scaled to Pearson r, clipped to +-:data:`R_MAX`, and turned into Fisher z;
+3. ``z - shift`` and its square are added to the block's float32 partial sums.
 
-Nothing of size (subjects x voxels) is ever held; memory is the running sums (24 bytes
-per lesion and voxel) plus small per-thread buffers. A voxel whose timeseries has zero
-variance or a non-finite value in a subject, and a seed that is constant in a subject,
-are left out of that subject's contribution: the affected (lesion, voxel) pairs then have
-fewer subjects, which the statistics account for (:attr:`FisherZSums.n`).
+After the group, the partial sums are folded into float64 running sums. Grouping lets a
+block's sums stay in cache across the group's subjects instead of travelling to and from
+memory once per subject.
+
+Nothing of size (subjects x voxels) is ever held; memory is the running sums and shift
+(20 bytes per lesion and voxel), the subjects in flight and small per-thread buffers. A
+voxel whose timeseries is constant or holds a non-finite value in a subject, and a seed
+that is constant in a subject, are left out of that subject's contribution: the affected
+(lesion, voxel) pairs then have fewer subjects, which the statistics account for
+(:attr:`FisherZSums.n`).
 """
 
 from __future__ import annotations
@@ -25,14 +30,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
 from threadpoolctl import threadpool_limits
 
+from lacuna.analysis import functional_kernels as kernels
+from lacuna.analysis.t_statistics import benjamini_hochberg, two_sided_p
 from lacuna.io.functional_connectome import FunctionalConnectome
 
 log = logging.getLogger(__name__)
@@ -42,8 +48,15 @@ log = logging.getLogger(__name__)
 #: every code path.
 R_MAX = 1.0 - 2.0**-20
 
-#: Subjects summed in float32 before folding into the float64 running sums.
-FLUSH_EVERY = 16
+#: Most subjects summed in float32 (per block, in cache) before folding into float64.
+MAX_GROUP = 8
+
+#: Up to this many lesions per pass, correlations are formed in one pass over the stored
+#: values (:func:`~lacuna.analysis.functional_kernels.correlate_block`); beyond, by
+#: centring each block and one float32 matrix product.
+DIRECT_MAX_LESIONS = 4
+
+_LIMIT = np.float32(R_MAX)
 
 
 def worker_threads() -> int:
@@ -53,9 +66,19 @@ def worker_threads() -> int:
 
 
 def block_size(n_lesions: int, n_timepoints: int) -> int:
-    """Voxels per block so that a block's timeseries and correlations stay in cache."""
-    per_voxel = 4 * (n_timepoints + n_lesions)
-    return int(np.clip((4 << 20) // per_voxel, 1024, 4096))
+    """Voxels per block so that a block's working set fits in a core's cache (about
+    1 MiB): centred timeseries, correlations, shift and partial sums, or, for the
+    one-pass kernel, a few rows."""
+    if n_lesions <= DIRECT_MAX_LESIONS:
+        return 2048
+    per_voxel = 4 * (n_timepoints + 4 * n_lesions)
+    return int(np.clip((1 << 20) // per_voxel // 64 * 64, 256, 4096))
+
+
+def group_size(subject_bytes: int, memory_bytes: int) -> int:
+    """Subjects per group: up to :data:`MAX_GROUP`, with the group being computed and the
+    next one being read taking at most ``memory_bytes``."""
+    return int(np.clip(memory_bytes // max(2 * subject_bytes, 1), 1, MAX_GROUP))
 
 
 @dataclass
@@ -70,7 +93,7 @@ class FisherZSums:
     shift : ndarray (L, V) float32
         z of the first subject (0 where it was invalid).
     sum_dz, sum_dz2 : ndarray (L, V) float64
-        Sums of (z - shift) and (z - shift)^2.
+        Sums of (z - shift) and (z - shift)^2 over the subjects each pair was valid in.
     n_subjects : int
         Subjects folded in.
     missing : ndarray (L, V) int32 or None
@@ -100,21 +123,18 @@ class FisherZSums:
         """Subjects contributing to each (lesion, voxel) pair."""
         return self.n_subjects if self.missing is None else self.n_subjects - self.missing
 
-    def leave_out(self, seeds: np.ndarray, voxels: np.ndarray, partial_dz: np.ndarray, partial_dz2: np.ndarray) -> None:
-        """Remove the current subject from the pairs of invalid ``seeds`` (L bool) and
-        invalid ``voxels`` (V bool): they were folded in as z = 0, i.e. a deviation of
-        -shift, which is taken back here, and their subject counts are lowered."""
+    def count_left_out(self, invalid_seeds: np.ndarray, invalid_voxels: np.ndarray) -> None:
+        """Count one subject as missing for the pairs of ``invalid_seeds`` (L bool) and
+        of ``invalid_voxels`` (V bool), which added nothing to the sums."""
+        if not (invalid_seeds.any() or invalid_voxels.any()):
+            return
         if self.missing is None:
             self.missing = np.zeros(self.shift.shape, dtype=np.int32)
-        rows = np.flatnonzero(seeds)
-        other_rows = np.flatnonzero(~seeds)
-        columns = np.flatnonzero(voxels)
-        for index in (np.ix_(rows, np.arange(self.shift.shape[1])), np.ix_(other_rows, columns)):
-            shift = self.shift[index]
-            partial_dz[index] += shift
-            partial_dz2[index] -= shift * shift
-            self.missing[index] += 1
-        self.excluded_seeds += seeds
+        self.missing[invalid_seeds] += 1
+        self.missing[np.ix_(np.flatnonzero(~invalid_seeds), np.flatnonzero(invalid_voxels))] += 1
+        self.excluded_seeds += invalid_seeds
+
+
 @dataclass
 class PassTiming:
     """Where a pass over the connectome spent its time."""
@@ -142,14 +162,24 @@ class SeedDefinition:
         return len(self.columns)
 
     def seeds(self, timeseries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised seeds (T x L float32) and the mask of invalid (constant) seeds."""
-        flat = np.concatenate(self.columns)
-        gathered = np.asarray(timeseries[:, flat], dtype=np.float32)
-        gathered -= gathered.mean(axis=0, dtype=np.float64).astype(np.float32)
+        """Seeds as rows (L x T float32, centred and unit-norm) and the mask of invalid
+        (constant or non-finite) seeds, whose rows are 0."""
+        gathered = centred_columns(timeseries, np.concatenate(self.columns))
         gathered *= np.concatenate(self.weights)
         starts = np.cumsum([0] + [c.size for c in self.columns[:-1]])
-        seeds = np.ascontiguousarray(np.add.reduceat(gathered, starts, axis=1))
-        return seeds, normalise_columns(seeds)
+        seeds = np.add.reduceat(gathered, starts, axis=1)
+        invalid = normalise_columns(seeds)
+        return np.ascontiguousarray(seeds.T), invalid
+
+
+def centred_columns(timeseries: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """The voxel ``columns`` of ``timeseries`` (T x V, float16 or float32) as float32
+    columns with their means removed (T x n)."""
+    gathered = np.empty((timeseries.shape[0], columns.size), dtype=np.float32)
+    half = timeseries.dtype == np.float16
+    kernels.gather_columns(timeseries.view(np.uint16) if half else timeseries, half, columns, gathered)
+    gathered -= gathered.mean(axis=0, dtype=np.float64).astype(np.float32)
+    return gathered
 
 
 def normalise_columns(data: np.ndarray) -> np.ndarray:
@@ -166,72 +196,85 @@ def normalise_columns(data: np.ndarray) -> np.ndarray:
     return invalid
 
 
-def standardise(timeseries: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Centre and unit-normalise every column of ``timeseries`` into ``out`` (float32).
+@dataclass
+class _Subject:
+    """One connectome subject of a group, as the block workers need it."""
 
-    Returns the mask of invalid columns (set to 0).
-    """
-    to_float32(timeseries, out)
-    out -= out.mean(axis=0)
-    return normalise_columns(out)
-
-
-# float16 -> float32 by table lookup: faster than numpy's element-wise cast.
-_FLOAT16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-
-def to_float32(values: np.ndarray, out: np.ndarray) -> None:
-    """Copy ``values`` (float16 or float32) into the float32 array ``out``."""
-    if values.dtype == np.float16:
-        np.take(_FLOAT16_TABLE, values.view(np.uint16), out=out)
-    else:
-        np.copyto(out, values, casting="unsafe")
+    timeseries: np.ndarray  # (T, V) float32, or uint16 holding float16 bits
+    half: bool
+    seeds: np.ndarray  # (L, T) float32
+    valid_seeds: np.ndarray  # (L,) bool
 
 
 class _BlockWorker:
-    """Per-block work of one subject; buffers are per thread."""
+    """Maps one voxel block for every subject of a group; buffers are per thread."""
 
-    def __init__(self, seeds_t: np.ndarray, sums: FisherZSums, partial_dz: np.ndarray, partial_dz2: np.ndarray):
-        self.seeds_t = seeds_t
+    def __init__(self, sums: FisherZSums, n_timepoints: int):
         self.sums = sums
-        self.partial_dz = partial_dz
-        self.partial_dz2 = partial_dz2
+        self.n_timepoints = n_timepoints
+        self.n_lesions = sums.shift.shape[0]
         self.local = threading.local()
 
-    def __call__(self, timeseries: np.ndarray, block: slice) -> np.ndarray:
-        width = block.stop - block.start
+    def _buffers(self, width: int) -> tuple[np.ndarray, ...]:
         local = self.local
-        if getattr(local, "width", 0) < width or local.centred.shape[0] != timeseries.shape[0]:
-            local.centred = np.empty((timeseries.shape[0], width), dtype=np.float32)
-            local.correlations = np.empty((self.seeds_t.shape[0], width), dtype=np.float32)
+        if getattr(local, "width", 0) < width:
+            shape = (self.n_lesions, width)
+            local.centred = np.empty((self.n_timepoints, width), dtype=np.float32)
+            local.inverse_norms = np.empty(width, dtype=np.float32)
+            local.arrays = [np.empty(shape, dtype=np.float32) for _ in range(4)]
             local.width = width
-        centred = local.centred[:, :width]
-        z = local.correlations[:, :width]
-        to_float32(timeseries[:, block], centred)
-        centred -= centred.mean(axis=0)
-        norms = np.sqrt(np.einsum("tv,tv->v", centred, centred))
-        invalid = ~(norms > 0) | ~np.isfinite(norms)
-        if invalid.any():
-            centred[:, invalid] = 0.0
-        # Seeds are centred and unit-norm: r = seeds' x_centred / |x_centred|.
-        np.matmul(self.seeds_t, centred, out=z)
-        z *= np.divide(1.0, norms, out=np.zeros_like(norms), where=~invalid)
-        np.clip(z, -R_MAX, R_MAX, out=z)
-        np.arctanh(z, out=z)
-        if self.sums.n_subjects == 0:
-            self.sums.shift[:, block] = z
-            return invalid
-        z -= self.sums.shift[:, block]
-        self.partial_dz[:, block] += z
-        np.square(z, out=z)
-        self.partial_dz2[:, block] += z
+        z, shift, sum_dz, sum_dz2 = (array[:, :width] for array in local.arrays)
+        return local.centred[:, :width], local.inverse_norms[:width], z, shift, sum_dz, sum_dz2
+
+    def correlations(self, subject: _Subject, start: int, centred, inverse_norms, r) -> None:
+        """Pearson r of every seed with the block's voxels into ``r``, clipped."""
+        if self.n_lesions <= DIRECT_MAX_LESIONS:
+            kernels.correlate_block(subject.timeseries, start, subject.half, subject.seeds, _LIMIT, r, inverse_norms)
+            return
+        kernels.centre_block(subject.timeseries, start, subject.half, centred, inverse_norms)
+        np.matmul(subject.seeds, centred, out=r)
+        kernels.scale_and_clip(r, inverse_norms, _LIMIT)
+
+    def __call__(self, group: list[_Subject], block: slice) -> np.ndarray:
+        """Fold the group's Fisher z for ``block`` into the sums; returns the invalid
+        voxels of the block per subject (len(group) x width bool)."""
+        width = block.stop - block.start
+        centred, inverse_norms, z, shift, sum_dz, sum_dz2 = self._buffers(width)
+        sum_dz.fill(0.0)
+        sum_dz2.fill(0.0)
+        first_group = self.sums.n_subjects == 0
+        if not first_group:
+            shift[...] = self.sums.shift[:, block]
+        invalid = np.empty((len(group), width), dtype=bool)
+        for index, subject in enumerate(group):
+            self.correlations(subject, block.start, centred, inverse_norms, z)
+            np.arctanh(z, out=z)
+            if first_group and index == 0:
+                shift[...] = z
+                self.sums.shift[:, block] = z
+            kernels.accumulate(z, shift, inverse_norms, subject.valid_seeds, sum_dz, sum_dz2)
+            np.equal(inverse_norms, 0, out=invalid[index])
+        kernels.fold(sum_dz, self.sums.sum_dz, block.start)
+        kernels.fold(sum_dz2, self.sums.sum_dz2, block.start)
         return invalid
+
+
+def _groups(items: Iterator, size: int) -> Iterator[list]:
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def stream_fisher_z(
     connectome: FunctionalConnectome,
     seeds: SeedDefinition,
     progress: Callable[[int, int, float], None] | None = None,
+    memory_bytes: int = 1 << 30,
 ) -> tuple[FisherZSums, PassTiming]:
     """One pass over ``connectome`` accumulating Fisher-z sums for every seed.
 
@@ -242,53 +285,49 @@ def stream_fisher_z(
     seeds : SeedDefinition
         Which voxels (and weights) form each lesion's seed.
     progress : callable, optional
-        Called as ``progress(done, total, seconds)`` after each subject.
+        Called as ``progress(done, total, seconds)`` after each group of subjects.
+    memory_bytes : int
+        Memory for the subjects in flight; sets the group size.
     """
     n_lesions, n_voxels = seeds.n_lesions, connectome.n_voxels
+    first = connectome.files[0]
+    n_timepoints = first.n_timepoints
     sums = FisherZSums.zeros(n_lesions, n_voxels)
-    partial_dz = np.zeros((n_lesions, n_voxels), dtype=np.float32)
-    partial_dz2 = np.zeros((n_lesions, n_voxels), dtype=np.float32)
     timing = PassTiming()
-    width = block_size(n_lesions, connectome.files[0].n_timepoints)
+    width = block_size(n_lesions, n_timepoints)
     blocks = [slice(start, min(start + width, n_voxels)) for start in range(0, n_voxels, width)]
+    size = group_size(n_timepoints * n_voxels * max(f.dtype.itemsize for f in connectome.files), memory_bytes)
+    worker = _BlockWorker(sums, n_timepoints)
     started = time.perf_counter()
-    pending = 0
+    subjects = connectome.iter_subjects(prefetch=size, prepare=seeds.seeds, hold=size)
     # Threads share the cores; BLAS must not spawn its own threads inside each of them.
     with ThreadPoolExecutor(max_workers=worker_threads()) as pool, threadpool_limits(1, user_api="blas"):
         waited = time.perf_counter()
-        # The reader thread also forms the seeds, while this thread maps the previous subject.
-        for timeseries, (seeds_t, invalid_seeds) in connectome.iter_subjects(prepare=seeds.seeds):
+        for group in _groups(subjects, size):
             timing.waiting_for_data += time.perf_counter() - waited
-            timing.bytes_read += timeseries.nbytes
-            worker = _BlockWorker(np.ascontiguousarray(seeds_t.T), sums, partial_dz, partial_dz2)
-            invalid_voxels = np.concatenate(list(pool.map(lambda b: worker(timeseries, b), blocks)))
-            timing.flops += 2.0 * timeseries.shape[0] * n_lesions * n_voxels
-            if invalid_voxels.any() or invalid_seeds.any():
-                sums.leave_out(invalid_seeds, invalid_voxels, partial_dz, partial_dz2)
-            sums.n_subjects += 1
-            pending += 1
-            if pending == FLUSH_EVERY:
-                _flush(sums, partial_dz, partial_dz2)
-                pending = 0
+            members = [_as_subject(timeseries, seeds_t, invalid) for timeseries, (seeds_t, invalid) in group]
+            invalid_voxels = np.concatenate(list(pool.map(worker, [members] * len(blocks), blocks)), axis=1)
+            for member, invalid in zip(members, invalid_voxels):
+                sums.count_left_out(~member.valid_seeds, invalid)
+                sums.n_subjects += 1
+                timing.bytes_read += member.timeseries.nbytes
+                timing.flops += 2.0 * n_timepoints * n_lesions * n_voxels
+            del group, members  # release the subjects (and their file mappings)
             if progress:
                 progress(sums.n_subjects, connectome.n_subjects, time.perf_counter() - started)
             waited = time.perf_counter()
-    _flush(sums, partial_dz, partial_dz2)
     timing.seconds = time.perf_counter() - started
     return sums, timing
 
 
-def _flush(sums: FisherZSums, partial_dz: np.ndarray, partial_dz2: np.ndarray) -> None:
-    """Fold the float32 partial sums into the float64 running sums and reset them."""
-    sums.sum_dz += partial_dz
-    sums.sum_dz2 += partial_dz2
-    partial_dz.fill(0.0)
-    partial_dz2.fill(0.0)
+def _as_subject(timeseries: np.ndarray, seeds_t: np.ndarray, invalid_seeds: np.ndarray) -> _Subject:
+    half = timeseries.dtype == np.float16
+    return _Subject(timeseries.view(np.uint16) if half else timeseries, half, seeds_t, ~invalid_seeds)
 
 
 @dataclass
 class GroupStatistics:
-    """Across-subject statistics of Fisher z, per lesion and voxel (float32, L x V)."""
+    """Across-subject statistics of Fisher z of one lesion, per voxel (float32)."""
 
     z: np.ndarray
     r: np.ndarray
@@ -300,38 +339,44 @@ class GroupStatistics:
 
 
 def summarise(shift: np.ndarray, sum_dz: np.ndarray, sum_dz2: np.ndarray, n, compute_p: bool = True) -> GroupStatistics:
-    """Mean z, r = tanh(mean z), one-sample t, two-sided p (n-1 df) and BH-FDR p.
+    """Mean z, r = tanh(mean z), one-sample t, two-sided p (n-1 df) and BH-FDR p of one
+    lesion.
 
     Parameters
     ----------
-    shift : ndarray (L, V)
-        Per-pair shift the sums are taken around (see :class:`FisherZSums`).
-    sum_dz, sum_dz2 : ndarray (L, V)
+    shift : ndarray (V,)
+        Per-voxel shift the sums are taken around (see :class:`FisherZSums`).
+    sum_dz, sum_dz2 : ndarray (V,)
         Sums of (z - shift) and (z - shift)^2 over subjects.
-    n : int or ndarray (L, V)
-        Subjects contributing to each pair.
+    n : int or ndarray (V,)
+        Subjects contributing to each voxel.
     compute_p : bool
         Also compute p and FDR-adjusted p.
 
     Notes
     -----
     Where the standard deviation of z is 0 (or fewer than 2 subjects contribute), t is
-    undefined: it is set to 0 and p to 1 there, and the pairs are flagged in
-    ``undefined_t``. FDR adjustment (Benjamini-Hochberg) runs over each lesion's
-    brain-mask voxels.
+    undefined: it is set to 0 and p to 1 there, and the voxels are flagged in
+    ``undefined_t``. FDR adjustment (Benjamini-Hochberg) runs over the brain-mask voxels.
     """
     n = np.broadcast_to(np.asarray(n, dtype=np.float64), sum_dz.shape)
-    mean_dz = np.divide(sum_dz, n, out=np.zeros(sum_dz.shape), where=n > 0)
-    mean = shift + mean_dz
-    variance = np.divide(sum_dz2 - n * mean_dz**2, n - 1, out=np.zeros(sum_dz.shape), where=n > 1)
-    standard_error = np.sqrt(np.clip(variance, 0.0, None) / np.maximum(n, 1))
-    defined = (n > 1) & (standard_error > 1e-12 * np.maximum(np.abs(mean), 1.0))
-    t = np.divide(mean, standard_error, out=np.zeros_like(mean), where=defined)
+    mean = np.empty(sum_dz.shape)
+    t = np.empty(sum_dz.shape)
+    defined = np.empty(sum_dz.shape, dtype=bool)
+    kernels.t_statistics(
+        np.ascontiguousarray(shift, dtype=np.float32),
+        np.ascontiguousarray(sum_dz, dtype=np.float64),
+        np.ascontiguousarray(sum_dz2, dtype=np.float64),
+        np.ascontiguousarray(n),
+        mean,
+        t,
+        defined,
+    )
     p = p_fdr = None
     if compute_p:
         p = np.ones_like(t)
-        p[defined] = 2.0 * stats.t.sf(np.abs(t[defined]), df=n[defined] - 1)
-        p_fdr = np.vstack([stats.false_discovery_control(row, method="bh") for row in p])
+        p[defined] = two_sided_p(np.abs(t[defined]), n[defined] - 1)
+        p_fdr = benjamini_hochberg(p)
     return GroupStatistics(
         z=mean.astype(np.float32),
         r=np.tanh(mean).astype(np.float32),
@@ -360,15 +405,15 @@ def pini_selection(
     connectome is split into files.
     """
     totals = [np.zeros((len(c), len(c))) for c in columns]
+    flat = np.concatenate(columns)
+    bounds = np.cumsum([0] + [len(c) for c in columns])
     started = time.perf_counter()
     done = 0
-    standardised = None
     for timeseries in connectome.iter_subjects():
-        if standardised is None or standardised.shape != timeseries.shape:
-            standardised = np.empty(timeseries.shape, dtype=np.float32)
-        standardise(timeseries, standardised)
-        for total, cols in zip(totals, columns):
-            block = standardised[:, cols]
+        standardised = centred_columns(timeseries, flat)
+        normalise_columns(standardised)
+        for total, first, last in zip(totals, bounds[:-1], bounds[1:]):
+            block = standardised[:, first:last]
             total += block.T @ block
         done += 1
         if progress:

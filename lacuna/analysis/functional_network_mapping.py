@@ -45,6 +45,7 @@ import numpy as np
 
 from lacuna.analysis.base import BatchAnalysis, mask_on_grid, voxel_maps_to_space
 from lacuna.analysis.functional_engine import (
+    MAX_GROUP,
     R_MAX,
     PassTiming,
     SeedDefinition,
@@ -64,7 +65,7 @@ from lacuna.io.functional_connectome import FunctionalConnectome
 log = logging.getLogger(__name__)
 
 METHODS = ("boes", "pini")
-_BYTES_PER_LESION_VOXEL = 8 + 8 + 4 + 4 + 4 + 4  # float64 sums, float32 partials, shift, missing
+_BYTES_PER_LESION_VOXEL = 8 + 8 + 4 + 4  # float64 sums, float32 shift, missing-subject counts
 
 
 def available_memory_bytes() -> int:
@@ -219,9 +220,13 @@ class FunctionalNetworkMapping(BatchAnalysis):
             cost = max(cost, 8 * n_lesion_voxels**2)
         return cost
 
+    def _subjects_memory(self) -> int:
+        """Memory for connectome subjects in flight (a group and the next one)."""
+        subject_bytes = max(f.n_timepoints * self.connectome.n_voxels * f.dtype.itemsize for f in self.connectome.files)
+        return int(np.clip(self.memory_budget // 4, 2 * subject_bytes, 2 * MAX_GROUP * subject_bytes))
+
     def _chunk_budget(self) -> int:
-        fixed = 4 * self.connectome.files[0].n_timepoints * self.connectome.n_voxels * 4  # buffers in flight
-        return max(self.memory_budget - fixed, 0)
+        return max(self.memory_budget - self._subjects_memory(), 0)
 
     def lesions_per_pass(self, extra_bytes: int = 0) -> int:
         """How many lesions one pass can map within the memory budget, counting
@@ -249,7 +254,9 @@ class FunctionalNetworkMapping(BatchAnalysis):
             log.info("%s: PINI voxel selection for %d lesion(s)", self.connectome.name, len(chunk))
             columns = pini_selection(self.connectome, columns, self.pini_percentile, self._progress("PINI selection"))
         log.info("%s: mapping %d lesion(s) over %d subjects", self.connectome.name, len(chunk), self.connectome.n_subjects)
-        sums, timing = stream_fisher_z(self.connectome, SeedDefinition.means(columns), self._progress("fLNM"))
+        sums, timing = stream_fisher_z(
+            self.connectome, SeedDefinition.means(columns), self._progress("fLNM"), self._subjects_memory()
+        )
         self.last_timing.append(timing)
         with ThreadPoolExecutor(max_workers=worker_threads()) as pool:
             statistics = pool.map(lambda row: self._statistics(sums, row), range(len(chunk)))
@@ -264,9 +271,8 @@ class FunctionalNetworkMapping(BatchAnalysis):
                 yield lesion.index, lesion.subject.with_results(self.name, results, lesion.step.finish())
 
     def _statistics(self, sums, row: int):
-        n = sums.n if sums.missing is None else sums.n[row : row + 1]
-        rows = slice(row, row + 1)
-        return summarise(sums.shift[rows], sums.sum_dz[rows], sums.sum_dz2[rows], n, self.compute_p_map)
+        n = sums.n if sums.missing is None else sums.n[row]
+        return summarise(sums.shift[row], sums.sum_dz[row], sums.sum_dz2[row], n, self.compute_p_map)
 
     def _results(self, lesion: PreparedLesion, used: np.ndarray, statistics, excluded: int) -> dict[str, Result]:
         label = self.connectome_label
@@ -293,7 +299,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
             fill = 1.0 if stat in ("p", "pfdr") else 0.0
             results[f"{self.connectome.name}_{stat}"] = VoxelMap(
                 name=stat,
-                data=self.connectome.to_volume(values[0], fill=fill),
+                data=self.connectome.to_volume(values, fill=fill),
                 affine=self.connectome.mask_affine,
                 space=self.connectome.space,
                 resolution=self.connectome.resolution,
@@ -302,7 +308,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
                 metadata=metadata,
                 desc=f"flnm{label}{stat}",
             )
-        t_values = statistics.t[0]
+        t_values = statistics.t
         peak = float(t_values[np.argmax(np.abs(t_values))])
         scalars = {
             "n_subjects": (self.connectome.n_subjects - excluded, "subjects", "Connectome subjects with a valid seed"),
@@ -311,7 +317,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
             "peak_t": (peak, "", "t value of largest magnitude"),
         }
         if statistics.p_fdr is not None:
-            significant = int(np.sum(statistics.p_fdr[0] < self.fdr_alpha))
+            significant = int(np.sum(statistics.p_fdr < self.fdr_alpha))
             scalars["n_voxels_fdr_significant"] = (significant, "voxels", f"Voxels with FDR p < {self.fdr_alpha:g}")
         for key, (value, units, description) in scalars.items():
             results[f"{self.connectome.name}_{key}"] = ScalarMetric(key, value, units, description)

@@ -20,6 +20,8 @@ next subject read in a background thread while the current one is processed.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import queue
 import threading
@@ -36,6 +38,7 @@ from lacuna.core.spaces import Grid, canonical_space
 FORMAT_VERSION = "1.0"
 _REQUIRED_DATASETS = ("timeseries", "mask_indices", "mask_affine")
 _REQUIRED_ATTRIBUTES = ("mask_shape", "space", "resolution")
+_LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 
 
 class ConnectomeFormatError(ValidationError):
@@ -148,35 +151,42 @@ class FunctionalConnectome:
         volume[(...,) + tuple(self.mask_indices)] = values
         return volume
 
-    def iter_subjects(self, prefetch: int = 2, prepare=None) -> Iterator:
+    def iter_subjects(self, prefetch: int = 2, prepare=None, hold: int = 1) -> Iterator:
         """Yield each subject's raw timeseries (n_timepoints, n_voxels), in order.
 
         A background thread reads up to ``prefetch`` subjects ahead, so reading the next
-        subject overlaps with processing the current one. Arrays keep their stored type.
-        With ``prepare``, the reader thread also computes ``prepare(timeseries)`` and
-        ``(timeseries, prepared)`` pairs are yielded.
+        subjects overlaps with processing the current ones. Arrays keep their stored type
+        and are read-only. With ``prepare``, the reader thread also computes
+        ``prepare(timeseries)`` and ``(timeseries, prepared)`` pairs are yielded.
 
-        Subjects are read into a few preallocated buffers that are reused: a yielded
-        array is valid until the next one is requested (copy it to keep it).
+        Where a file stores each subject unfiltered and in native byte order (as
+        :class:`ConnectomeWriter` does), subjects are memory-mapped from the file rather
+        than copied: the reader thread maps them and faults their pages in (from the
+        page cache, or from the disk), and a subject's pages are unmapped once its array
+        is released. Other files are read with HDF5 into a few reused buffers; then a
+        yielded array stays valid while the consumer holds at most ``hold`` of them.
         """
         prefetch = max(1, prefetch)
         buffer: queue.Queue = queue.Queue(maxsize=prefetch)
         stop = threading.Event()
+
+        def deliver(timeseries: np.ndarray) -> None:
+            buffer.put(timeseries if prepare is None else (timeseries, prepare(timeseries)))
 
         def read_all() -> None:
             try:
                 for batch in self.files:
                     with h5py.File(batch.path, "r") as handle:
                         dataset = handle["timeseries"]
-                        # Preallocated buffers: those in the queue, the consumer's current
-                        # subject, and the one being read (no page faults per subject).
-                        ring = [np.empty(dataset.shape[1:], dtype=dataset.dtype) for _ in range(prefetch + 2)]
-                        for index in range(batch.n_subjects):
+                        offsets = _mappable_offsets(dataset)
+                        if offsets is not None:
+                            subjects = _mapped_subjects(batch.path, offsets, dataset.shape[1:], dataset.dtype, keep=prefetch + hold + 1)
+                        else:
+                            subjects = _buffered_subjects(dataset, buffers=prefetch + hold + 1)
+                        for timeseries in subjects:
                             if stop.is_set():
                                 return
-                            timeseries = ring[index % len(ring)]
-                            dataset.read_direct(timeseries, source_sel=np.s_[index])
-                            buffer.put(timeseries if prepare is None else (timeseries, prepare(timeseries)))
+                            deliver(timeseries)
                 buffer.put(None)
             except BaseException as exc:  # handed to the consumer
                 buffer.put(exc)
@@ -198,6 +208,92 @@ class FunctionalConnectome:
                     buffer.get_nowait()
                 except queue.Empty:
                     reader.join(timeout=0.05)
+
+
+def _mappable_offsets(dataset: h5py.Dataset) -> list[int] | None:
+    """File offsets of each subject's timeseries when they can be mapped straight from
+    the file: unfiltered, native byte order, one whole chunk per subject (or a contiguous
+    dataset). None otherwise."""
+    if os.name != "posix" or not dataset.dtype.isnative:
+        return None
+    plist = dataset.id.get_create_plist()
+    if plist.get_nfilters():
+        return None
+    n_subjects, n_timepoints, n_voxels = dataset.shape
+    nbytes = n_timepoints * n_voxels * dataset.dtype.itemsize
+    layout = plist.get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        start = dataset.id.get_offset()
+        return None if start is None else [start + index * nbytes for index in range(n_subjects)]
+    if layout != h5py.h5d.CHUNKED or dataset.chunks != (1, n_timepoints, n_voxels):
+        return None
+    offsets = []
+    for index in range(n_subjects):
+        info = dataset.id.get_chunk_info_by_coord((index, 0, 0))
+        if info.byte_offset is None or info.size != nbytes or info.filter_mask:
+            return None  # a chunk never written, or stored filtered
+        offsets.append(info.byte_offset)
+    return offsets
+
+
+#: madvise(2) advice that faults pages in without reading them into the process
+#: (Linux >= 5.14); Python does not name it.
+_MADV_POPULATE_READ = 22
+
+
+def _mapped_subjects(path: Path, offsets: list[int], shape: tuple[int, int], dtype: np.dtype, keep: int) -> Iterator[np.ndarray]:
+    """Subjects as read-only arrays over one mapping of the whole file.
+
+    Each subject's pages are faulted in before it is handed over, so the consumer never
+    waits on the disk. Pages of subjects handed over more than ``keep`` subjects ago are
+    dropped from the mapping (not from the page cache) in runs, so the process holds a
+    few subjects at a time; dropping is batched because each drop interrupts every
+    thread of the process to flush its TLB.
+    """
+    count = shape[0] * shape[1]
+    nbytes = count * dtype.itemsize
+    page = mmap.PAGESIZE
+    with open(path, "rb") as handle:
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    whole = np.frombuffer(mapping, dtype=np.uint8)  # also keeps the mapping alive
+    handed_over: list[int] = []
+    for offset in offsets:
+        start = offset - offset % page
+        _populate(whole, start, offset + nbytes - start)
+        yield whole[offset : offset + nbytes].view(dtype).reshape(shape)
+        handed_over.append(offset)
+        if len(handed_over) >= 2 * keep:
+            released, handed_over = handed_over[:keep], handed_over[keep:]
+            first = min(released) - min(released) % page
+            last = max(released) + nbytes
+            last -= last % page  # a page shared with a subject still in use stays
+            if last > first:
+                _madvise(whole, first, last - first, mmap.MADV_DONTNEED)
+
+
+def _madvise(mapped: np.ndarray, start: int, length: int, advice: int) -> bool:
+    """madvise(2) on ``length`` bytes from ``start`` of a mapped array, through ctypes
+    so that the GIL is released meanwhile (Python's ``mmap.madvise`` holds it, which
+    would stall the threads computing for milliseconds at a time)."""
+    address = ctypes.c_void_p(mapped.ctypes.data + start)
+    return _LIBC.madvise(address, ctypes.c_size_t(length), ctypes.c_int(advice)) == 0
+
+
+def _populate(mapped: np.ndarray, start: int, length: int) -> None:
+    if not _madvise(mapped, start, length, _MADV_POPULATE_READ):  # kernel < 5.14
+        _madvise(mapped, start, length, mmap.MADV_WILLNEED)
+        mapped[start : start + length : mmap.PAGESIZE].max()  # touch every page
+
+
+def _buffered_subjects(dataset: h5py.Dataset, buffers: int) -> Iterator[np.ndarray]:
+    """Subjects read by HDF5 into ``buffers`` preallocated arrays used in turn."""
+    ring = [np.empty(dataset.shape[1:], dtype=dataset.dtype) for _ in range(buffers)]
+    for index in range(dataset.shape[0]):
+        timeseries = ring[index % buffers]
+        timeseries.flags.writeable = True
+        dataset.read_direct(timeseries, source_sel=np.s_[index])
+        timeseries.flags.writeable = False
+        yield timeseries
 
 
 class ConnectomeWriter:

@@ -1,0 +1,297 @@
+"""Compiled per-block kernels of functional lesion network mapping.
+
+numpy runs each element-wise step as a separate pass over memory; at the sizes of a
+connectome (hundreds of millions of values per subject) those passes, not the matrix
+product, would set the pace. These kernels, compiled with numba, fuse the steps that
+surround the float32 matrix product into one or two passes over data that is already in
+cache. They release the GIL, so the engine's threads run them in parallel.
+
+float16 connectomes are read as their raw bits (``uint16``) and widened here: numba has
+no float16 type, and numpy's own conversion costs more than the rest of a block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+
+def _compile(function):
+    """``numba.njit`` without the GIL, cached on disk when numba finds a writable place
+    (``NUMBA_CACHE_DIR``, the package's ``__pycache__`` or the user's cache); compiled
+    at first use otherwise."""
+    try:
+        return numba.njit(nogil=True, cache=True)(function)
+    except RuntimeError:  # no writable cache location (read-only install, no HOME)
+        return numba.njit(nogil=True)(function)
+
+
+@intrinsic
+def _half_to_single(typingctx, bits):
+    """The float16 value whose bits are ``bits`` (uint16), widened to float32: one
+    ``fpext`` instruction, which LLVM vectorises (``vcvtph2ps`` on x86 with F16C)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@_compile
+def _load_row(row, half, out):
+    """Copy one row of stored values into float32 ``out``; ``half``: ``row`` holds the
+    bits of float16 values."""
+    if half:
+        for j in range(row.size):
+            out[j] = _half_to_single(np.uint16(row[j]))
+    else:
+        for j in range(row.size):
+            out[j] = row[j]
+
+
+@_compile
+def gather_columns(timeseries, half, columns, out):
+    """Copy the voxel ``columns`` of one subject into float32 ``out`` (T x n), row by
+    row (each row of the stored array is read once, in column order)."""
+    for t in range(out.shape[0]):
+        row = timeseries[t]
+        target = out[t]
+        if half:
+            for i in range(columns.size):
+                target[i] = _half_to_single(np.uint16(row[columns[i]]))
+        else:
+            for i in range(columns.size):
+                target[i] = row[columns[i]]
+
+
+@_compile
+def centre_block(timeseries, start, half, centred, inverse_norms):
+    """Centre the voxel columns ``start : start + width`` of one subject.
+
+    Parameters
+    ----------
+    timeseries : ndarray (T, V), float32, or uint16 holding float16 bits
+        One subject's stored timeseries.
+    start : int
+        First voxel of the block.
+    half : bool
+        ``timeseries`` holds float16 bits.
+    centred : ndarray (T, width) float32
+        Receives the centred columns (zero for invalid voxels).
+    inverse_norms : ndarray (width,) float32
+        Receives 1 / norm of each centred column, or 0 for an invalid voxel (constant,
+        or holding a non-finite value).
+
+    Notes
+    -----
+    The mean is taken of differences from the first timepoint, so that a constant
+    column gives exactly zero whatever its value.
+    """
+    n_timepoints, width = centred.shape
+    first = centred[0]
+    _load_row(timeseries[0, start : start + width], half, first)
+    sums = np.zeros(width, dtype=np.float32)
+    for t in range(1, n_timepoints):
+        row = centred[t]
+        _load_row(timeseries[t, start : start + width], half, row)
+        for j in range(width):
+            sums[j] += row[j] - first[j]
+    means = np.empty(width, dtype=np.float32)
+    for j in range(width):
+        means[j] = first[j] + sums[j] / np.float32(n_timepoints)
+    squares = np.zeros(width, dtype=np.float32)
+    for t in range(n_timepoints):
+        row = centred[t]
+        for j in range(width):
+            value = row[j] - means[j]
+            row[j] = value
+            squares[j] += value * value
+    if _inverse_norms(squares, inverse_norms):
+        for t in range(n_timepoints):
+            row = centred[t]
+            for j in range(width):
+                if inverse_norms[j] == 0:
+                    row[j] = 0.0
+
+
+@_compile
+def _inverse_norms(squares, inverse_norms):
+    """``1 / sqrt(squares)``, or 0 for invalid columns (zero or non-finite sums of
+    squares); returns the number of invalid columns."""
+    n_invalid = 0
+    for j in range(squares.size):
+        valid = squares[j] > 0 and squares[j] < np.inf
+        inverse_norms[j] = np.float32(1.0 / math.sqrt(squares[j])) if valid else np.float32(0.0)
+        n_invalid += not valid
+    return n_invalid
+
+
+@_compile
+def correlate_block(timeseries, start, half, seeds, limit, r, inverse_norms):
+    """Pearson r of a few seeds with the voxel columns ``start : start + width``, in one
+    pass over the stored values (no centred copy, no matrix product): the way for
+    small numbers of seeds, where the pass over memory is the whole cost.
+
+    Parameters
+    ----------
+    timeseries : ndarray (T, V), float32, or uint16 holding float16 bits
+        One subject's stored timeseries.
+    start : int
+        First voxel of the block.
+    half : bool
+        ``timeseries`` holds float16 bits.
+    seeds : ndarray (L, T) float32
+        Centred, unit-norm seeds.
+    limit : float32
+        r is clipped to ``[-limit, limit]``.
+    r : ndarray (L, width) float32
+        Receives r (0 for invalid voxels).
+    inverse_norms : ndarray (width,) float32
+        Receives 1 / norm of each centred voxel column, 0 where the voxel is invalid.
+
+    Notes
+    -----
+    With d = x - x[0] (so that a constant column gives exactly zero), the products
+    ``sum_t seed_t d_t`` are corrected by ``mean(d) * sum_t seed_t``, which makes them
+    the products with the centred column.
+    """
+    n_lesions, width = r.shape
+    n_timepoints = seeds.shape[1]
+    first = np.empty(width, dtype=np.float32)
+    row = np.empty(width, dtype=np.float32)
+    sums = np.zeros(width, dtype=np.float32)
+    squares = np.zeros(width, dtype=np.float32)
+    r[:] = 0.0
+    _load_row(timeseries[0, start : start + width], half, first)
+    for t in range(1, n_timepoints):
+        _load_row(timeseries[t, start : start + width], half, row)
+        for j in range(width):
+            d = row[j] - first[j]
+            row[j] = d
+            sums[j] += d
+            squares[j] += d * d
+        for lesion in range(n_lesions):
+            weight = seeds[lesion, t]
+            products = r[lesion]
+            for j in range(width):
+                products[j] += weight * row[j]
+    for j in range(width):
+        mean = sums[j] / np.float32(n_timepoints)
+        squares[j] -= sums[j] * mean
+        sums[j] = mean
+    _inverse_norms(squares, inverse_norms)
+    for lesion in range(n_lesions):
+        seed_sum = np.float32(0.0)
+        for t in range(n_timepoints):
+            seed_sum += seeds[lesion, t]
+        products = r[lesion]
+        for j in range(width):
+            value = (products[j] - sums[j] * seed_sum) * inverse_norms[j]
+            products[j] = min(max(value, -limit), limit) if inverse_norms[j] != 0 else np.float32(0.0)
+
+
+@_compile
+def scale_and_clip(products, inverse_norms, limit):
+    """Turn ``seeds' x_centred`` into Pearson r in place: multiply column j by
+    ``inverse_norms[j]`` and clip to ``[-limit, limit]``."""
+    n_rows, width = products.shape
+    for i in range(n_rows):
+        out = products[i]
+        for j in range(width):
+            out[j] = min(max(out[j] * inverse_norms[j], -limit), limit)
+
+
+@_compile
+def accumulate(z, shift, valid_voxels, valid_seeds, sum_dz, sum_dz2):
+    """Add ``z - shift`` and its square to a block's partial sums.
+
+    Parameters
+    ----------
+    z : ndarray (L, width) float32
+        Fisher z of one subject for the block.
+    shift : ndarray (L, width) float32
+        Per-pair shift of the block.
+    valid_voxels : ndarray (width,) float32
+        Non-zero where the voxel was valid in this subject (its inverse norm).
+    valid_seeds : ndarray (L,) bool
+        Seeds that were valid in this subject.
+    sum_dz, sum_dz2 : ndarray (L, width) float32
+        The block's partial sums; invalid pairs add nothing.
+    """
+    n_lesions, width = z.shape
+    for lesion in range(n_lesions):
+        if not valid_seeds[lesion]:
+            continue
+        values = z[lesion]
+        shifts = shift[lesion]
+        sums = sum_dz[lesion]
+        squares = sum_dz2[lesion]
+        for j in range(width):
+            d = values[j] - shifts[j] if valid_voxels[j] != 0 else np.float32(0.0)
+            sums[j] += d
+            squares[j] += d * d
+
+
+@_compile
+def fold(partial, total, start):
+    """Add the float32 ``partial`` (L, width) into columns ``start :`` of the float64
+    ``total`` (L, V)."""
+    n_rows, width = partial.shape
+    for i in range(n_rows):
+        source = partial[i]
+        target = total[i, start : start + width]
+        for j in range(width):
+            target[j] += source[j]
+
+
+@_compile
+def t_statistics(shift, sum_dz, sum_dz2, n, mean, t, defined):
+    """Mean z and one-sample t of one lesion from its shifted sums.
+
+    Parameters
+    ----------
+    shift : ndarray (V,) float32
+    sum_dz, sum_dz2 : ndarray (V,) float64
+        Sums of (z - shift) and (z - shift)^2.
+    n : ndarray (V,) float64
+        Subjects contributing to each voxel.
+    mean, t : ndarray (V,) float64
+        Receive mean z and t (0 where t is undefined).
+    defined : ndarray (V,) bool
+        Receives where t is defined: more than one subject and a standard error that is
+        not negligible next to the mean.
+    """
+    for j in range(shift.size):
+        count = n[j]
+        mean_dz = sum_dz[j] / count if count > 0 else 0.0
+        mean[j] = shift[j] + mean_dz
+        variance = (sum_dz2[j] - count * mean_dz * mean_dz) / (count - 1) if count > 1 else 0.0
+        standard_error = math.sqrt(max(variance, 0.0) / max(count, 1.0))
+        defined[j] = count > 1 and standard_error > 1e-12 * max(abs(mean[j]), 1.0)
+        t[j] = mean[j] / standard_error if defined[j] else 0.0
+
+
+@_compile
+def cubic_hermite(x, step, values, slopes, out):
+    """Evaluate the cubic Hermite interpolant through knots ``k * step`` with the given
+    ``values`` and ``slopes`` at each ``x`` (0 <= x <= (len(values) - 1) * step)."""
+    last = values.size - 2
+    for i in range(x.size):
+        position = x[i] / step
+        k = min(int(position), last)
+        u = position - k
+        u2 = u * u
+        u3 = u2 * u
+        out[i] = (
+            (2 * u3 - 3 * u2 + 1) * values[k]
+            + (u3 - 2 * u2 + u) * step * slopes[k]
+            + (3 * u2 - 2 * u3) * values[k + 1]
+            + (u3 - u2) * step * slopes[k + 1]
+        )

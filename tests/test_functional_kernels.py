@@ -1,0 +1,81 @@
+"""The compiled kernels and fast statistics of functional LNM against numpy and scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import special, stats
+
+from lacuna.analysis import functional_kernels as kernels
+from lacuna.analysis.t_statistics import benjamini_hochberg, two_sided_p
+
+
+def test_every_float16_value_is_widened_exactly():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(64, 1024)
+    out = np.empty((64, 1024), dtype=np.float32)
+    kernels.gather_columns(bits, True, np.arange(1024), out)
+    expected = bits.view(np.float16).astype(np.float32)
+    same = (out.view(np.uint32) == expected.view(np.uint32)) | (np.isnan(out) & np.isnan(expected))
+    assert same.all()
+
+
+def _reference_r(data: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    centred = data.astype(np.float64) - data.astype(np.float64).mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalised = centred / np.linalg.norm(centred, axis=0)
+    return seeds.astype(np.float64) @ normalised
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_both_correlation_kernels_match_numpy(dtype):
+    rng = np.random.default_rng(0)
+    n_timepoints, n_voxels, start, width = 50, 700, 100, 512
+    data = (rng.standard_normal((n_timepoints, n_voxels)) * 4 + 900).astype(dtype)
+    data[:, start + 3] = 12.0  # constant column
+    data[7, start + 5] = np.nan
+    seeds = rng.standard_normal((6, n_timepoints))
+    seeds -= seeds.mean(axis=1, keepdims=True)
+    seeds = (seeds / np.linalg.norm(seeds, axis=1, keepdims=True)).astype(np.float32)
+    stored = data.view(np.uint16) if dtype == np.float16 else data
+    half = dtype == np.float16
+    limit = np.float32(0.999)
+    expected = np.clip(_reference_r(data[:, start : start + width], seeds), -0.999, 0.999)
+
+    r = np.empty((6, width), dtype=np.float32)
+    inverse_norms = np.empty(width, dtype=np.float32)
+    kernels.correlate_block(stored, start, half, seeds, limit, r, inverse_norms)
+    centred = np.empty((n_timepoints, width), dtype=np.float32)
+    inverse_norms_2 = np.empty(width, dtype=np.float32)
+    kernels.centre_block(stored, start, half, centred, inverse_norms_2)
+    r_2 = seeds @ centred
+    kernels.scale_and_clip(r_2, inverse_norms_2, limit)
+
+    valid = np.ones(width, dtype=bool)
+    valid[[3, 5]] = False
+    for values, norms in ((r, inverse_norms), (r_2, inverse_norms_2)):
+        np.testing.assert_array_equal(norms != 0, valid)
+        assert np.all(values[:, ~valid] == 0)
+        np.testing.assert_allclose(values[:, valid], expected[:, valid], atol=2e-6)
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 7, 29, 99, 999, 5000, 100_000])
+def test_two_sided_p_matches_scipy(df):
+    rng = np.random.default_rng(df)
+    t = np.concatenate([np.abs(rng.standard_normal(50_000)) * rng.choice([0.5, 3, 30, 300], 50_000), [0.0, 1e-9, 1e12]])
+    expected = 2 * special.stdtr(df, -t)
+    p = two_sided_p(t, df)
+    relevant = expected > 1e-300
+    np.testing.assert_allclose(p[relevant], expected[relevant], rtol=1e-7, atol=0)
+    assert np.all(p[~relevant] < 1e-290)
+
+
+def test_two_sided_p_with_degrees_of_freedom_per_value():
+    t = np.array([0.5, 2.0, 2.0, 10.0])
+    df = np.array([3, 3, 40, 40])
+    np.testing.assert_allclose(two_sided_p(t, df), 2 * special.stdtr(df, -t), rtol=1e-7)
+
+
+def test_benjamini_hochberg_matches_scipy():
+    rng = np.random.default_rng(1)
+    p = np.concatenate([rng.uniform(size=5000) ** 3, np.full(50, 0.01), [1.0, 0.0]])  # with ties
+    np.testing.assert_allclose(benjamini_hochberg(p), stats.false_discovery_control(p, method="bh"), rtol=1e-12)
