@@ -38,24 +38,57 @@ def test_both_correlation_kernels_match_numpy(dtype):
     seeds = (seeds / np.linalg.norm(seeds, axis=1, keepdims=True)).astype(np.float32)
     stored = data.view(np.uint16) if dtype == np.float16 else data
     half = dtype == np.float16
-    limit = np.float32(0.999)
-    expected = np.clip(_reference_r(data[:, start : start + width], seeds), -0.999, 0.999)
+    expected = _reference_r(data[:, start : start + width], seeds)
 
-    r = np.empty((6, width), dtype=np.float32)
+    products = np.empty((6, width), dtype=np.float32)
     inverse_norms = np.empty(width, dtype=np.float32)
-    kernels.correlate_block(stored, start, half, seeds, limit, r, inverse_norms)
+    kernels.correlate_block(stored, start, half, seeds, products, inverse_norms)
     centred = np.empty((n_timepoints, width), dtype=np.float32)
     inverse_norms_2 = np.empty(width, dtype=np.float32)
     kernels.centre_block(stored, start, half, centred, inverse_norms_2)
-    r_2 = seeds @ centred
-    kernels.scale_and_clip(r_2, inverse_norms_2, limit)
+    products_2 = seeds @ centred
 
     valid = np.ones(width, dtype=bool)
     valid[[3, 5]] = False
-    for values, norms in ((r, inverse_norms), (r_2, inverse_norms_2)):
+    for values, norms in ((products, inverse_norms), (products_2, inverse_norms_2)):
         np.testing.assert_array_equal(norms != 0, valid)
-        assert np.all(values[:, ~valid] == 0)
-        np.testing.assert_allclose(values[:, valid], expected[:, valid], atol=2e-6)
+        r = values[:, valid] * norms[valid]
+        np.testing.assert_allclose(r, expected[:, valid], atol=2e-6)
+
+
+def test_fisher_z_matches_numpy_arctanh():
+    r = np.concatenate([np.linspace(-1 + 2**-20, 1 - 2**-20, 200_001), 10.0 ** -np.arange(1, 38), [0.0, -0.0]])
+    r = r.astype(np.float32)
+    z = np.empty_like(r)
+    kernels.fisher_z(r, z)
+    expected = np.arctanh(r.astype(np.float64))
+    np.testing.assert_allclose(z, expected, rtol=5e-7, atol=0)
+
+
+def test_accumulate_folds_fisher_z_of_valid_pairs():
+    rng = np.random.default_rng(2)
+    n_lesions, width, limit = 3, 40, np.float32(1 - 2**-20)
+    valid_seeds = np.array([True, False, True])
+    norms = rng.uniform(0.5, 2, width).astype(np.float32)
+    norms[7] = 0  # invalid voxel
+    shift = np.zeros((n_lesions, width), dtype=np.float32)
+    sums = np.zeros((n_lesions, width), dtype=np.float32)
+    squares = np.zeros((n_lesions, width), dtype=np.float32)
+    z_first = None
+    for subject in range(3):
+        products = (rng.uniform(-0.95, 0.95, (n_lesions, width)) / norms.clip(0.5)).astype(np.float32)
+        products[0, 0] = 5.0  # r far above 1 is clipped
+        kernels.accumulate(products, norms, valid_seeds, limit, subject == 0, shift, sums, squares)
+        z = np.arctanh(np.clip(products.astype(np.float64) * norms, -limit, limit))
+        z_first = z if z_first is None else z_first
+        expected_d = np.where((norms != 0) & valid_seeds[:, None], z - np.where(norms != 0, z_first, 0), 0)
+        if subject == 0:
+            expected_sums, expected_squares = expected_d, expected_d**2
+        else:
+            expected_sums, expected_squares = expected_sums + expected_d, expected_squares + expected_d**2
+    np.testing.assert_allclose(sums[valid_seeds], expected_sums[valid_seeds], atol=1e-5)
+    np.testing.assert_allclose(squares[valid_seeds], expected_squares[valid_seeds], atol=1e-5)
+    assert np.all(sums[~valid_seeds] == 0) and np.all(sums[:, 7] == 0)
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 7, 29, 99, 999, 5000, 100_000])

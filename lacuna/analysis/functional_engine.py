@@ -8,9 +8,11 @@ threads, and for each block and each subject of the group:
 
 1. the voxel timeseries are widened to float32 and centred, and their norms taken
    (:func:`~lacuna.analysis.functional_kernels.centre_block`), while in cache;
-2. one float32 matrix product ``seeds.T @ block`` gives all lesions' correlations, which
-   are scaled to Pearson r, clipped to +-:data:`R_MAX`, and turned into Fisher z;
-3. ``z - shift`` and its square are added to the block's float32 partial sums.
+2. one float32 matrix product ``seeds.T @ block`` gives all lesions' products with the
+   voxels (for a few lesions, one pass over the stored values gives them instead);
+3. each product is scaled to Pearson r, clipped to +-:data:`R_MAX` and turned into
+   Fisher z, and ``z - shift`` and its square are added to the block's float32 partial
+   sums (:func:`~lacuna.analysis.functional_kernels.accumulate`).
 
 After the group, the partial sums are folded into float64 running sums. Grouping lets a
 block's sums stay in cache across the group's subjects instead of travelling to and from
@@ -33,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -155,19 +158,32 @@ class SeedDefinition:
     @classmethod
     def means(cls, columns: list[np.ndarray]) -> "SeedDefinition":
         """Plain means over each lesion's columns."""
-        return cls(columns, [np.full(c.size, 1.0 / c.size, dtype=np.float32) for c in columns])
+        return cls(columns, [np.full(c.size, 1.0 / c.size) for c in columns])
 
     @property
     def n_lesions(self) -> int:
         return len(self.columns)
 
+    @cached_property
+    def _gather_plan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All seeds' columns in voxel order, with the seed and weight of each."""
+        columns = np.concatenate(self.columns)
+        owners = np.repeat(np.arange(self.n_lesions), [c.size for c in self.columns])
+        weights = np.concatenate(self.weights).astype(np.float64)
+        order = np.argsort(columns, kind="stable")
+        return columns[order], owners[order], weights[order]
+
     def seeds(self, timeseries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Seeds as rows (L x T float32, centred and unit-norm) and the mask of invalid
-        (constant or non-finite) seeds, whose rows are 0."""
-        gathered = centred_columns(timeseries, np.concatenate(self.columns))
-        gathered *= np.concatenate(self.weights)
-        starts = np.cumsum([0] + [c.size for c in self.columns[:-1]])
-        seeds = np.add.reduceat(gathered, starts, axis=1)
+        (constant or non-finite) seeds, whose rows are 0. A seed is the weighted sum of
+        its voxels' raw timeseries, summed in float64, then centred (which equals the
+        weighted sum of the centred timeseries)."""
+        columns, owners, weights = self._gather_plan
+        half = timeseries.dtype == np.float16
+        sums = np.empty((timeseries.shape[0], self.n_lesions))
+        kernels.weighted_sums(timeseries.view(np.uint16) if half else timeseries, half, columns, owners, weights, sums)
+        sums -= sums.mean(axis=0)
+        seeds = sums.astype(np.float32)
         invalid = normalise_columns(seeds)
         return np.ascontiguousarray(seeds.T), invalid
 
@@ -223,23 +239,23 @@ class _BlockWorker:
             local.inverse_norms = np.empty(width, dtype=np.float32)
             local.arrays = [np.empty(shape, dtype=np.float32) for _ in range(4)]
             local.width = width
-        z, shift, sum_dz, sum_dz2 = (array[:, :width] for array in local.arrays)
-        return local.centred[:, :width], local.inverse_norms[:width], z, shift, sum_dz, sum_dz2
+        products, shift, sum_dz, sum_dz2 = (array[:, :width] for array in local.arrays)
+        return local.centred[:, :width], local.inverse_norms[:width], products, shift, sum_dz, sum_dz2
 
-    def correlations(self, subject: _Subject, start: int, centred, inverse_norms, r) -> None:
-        """Pearson r of every seed with the block's voxels into ``r``, clipped."""
+    def products(self, subject: _Subject, start: int, centred, inverse_norms, products) -> None:
+        """Products of every seed with the block's centred voxels, and the voxels'
+        inverse norms (Pearson r = product * inverse norm)."""
         if self.n_lesions <= DIRECT_MAX_LESIONS:
-            kernels.correlate_block(subject.timeseries, start, subject.half, subject.seeds, _LIMIT, r, inverse_norms)
+            kernels.correlate_block(subject.timeseries, start, subject.half, subject.seeds, products, inverse_norms)
             return
         kernels.centre_block(subject.timeseries, start, subject.half, centred, inverse_norms)
-        np.matmul(subject.seeds, centred, out=r)
-        kernels.scale_and_clip(r, inverse_norms, _LIMIT)
+        np.matmul(subject.seeds, centred, out=products)
 
     def __call__(self, group: list[_Subject], block: slice) -> np.ndarray:
         """Fold the group's Fisher z for ``block`` into the sums; returns the invalid
         voxels of the block per subject (len(group) x width bool)."""
         width = block.stop - block.start
-        centred, inverse_norms, z, shift, sum_dz, sum_dz2 = self._buffers(width)
+        centred, inverse_norms, products, shift, sum_dz, sum_dz2 = self._buffers(width)
         sum_dz.fill(0.0)
         sum_dz2.fill(0.0)
         first_group = self.sums.n_subjects == 0
@@ -247,12 +263,11 @@ class _BlockWorker:
             shift[...] = self.sums.shift[:, block]
         invalid = np.empty((len(group), width), dtype=bool)
         for index, subject in enumerate(group):
-            self.correlations(subject, block.start, centred, inverse_norms, z)
-            np.arctanh(z, out=z)
-            if first_group and index == 0:
-                shift[...] = z
-                self.sums.shift[:, block] = z
-            kernels.accumulate(z, shift, inverse_norms, subject.valid_seeds, sum_dz, sum_dz2)
+            self.products(subject, block.start, centred, inverse_norms, products)
+            set_shift = first_group and index == 0
+            kernels.accumulate(products, inverse_norms, subject.valid_seeds, _LIMIT, set_shift, shift, sum_dz, sum_dz2)
+            if set_shift:
+                self.sums.shift[:, block] = shift
             np.equal(inverse_norms, 0, out=invalid[index])
         kernels.fold(sum_dz, self.sums.sum_dz, block.start)
         kernels.fold(sum_dz2, self.sums.sum_dz2, block.start)

@@ -18,6 +18,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 
@@ -26,9 +27,9 @@ def _compile(function):
     (``NUMBA_CACHE_DIR``, the package's ``__pycache__`` or the user's cache); compiled
     at first use otherwise."""
     try:
-        return numba.njit(nogil=True, cache=True)(function)
+        return numba.njit(nogil=True, cache=True, error_model="numpy")(function)
     except RuntimeError:  # no writable cache location (read-only install, no HOME)
-        return numba.njit(nogil=True)(function)
+        return numba.njit(nogil=True, error_model="numpy")(function)
 
 
 @intrinsic
@@ -42,6 +43,116 @@ def _half_to_single(typingctx, bits):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _single_bits(typingctx, value):
+    """The bits of a float32 as int32."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _single_from_bits(typingctx, bits):
+    """The float32 whose bits are the low 32 bits of the integer ``bits``."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if bits.bitwidth > 32:
+            value = builder.trunc(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Hint the CPU to fetch ``array[index]`` into cache (``llvm.prefetch``)."""
+    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        int32 = ir.IntType(32)
+        function_type = ir.FunctionType(ir.VoidType(), [address.type, int32, int32, int32])
+        function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0")
+        # read, keep in all cache levels, data
+        builder.call(function, [address, ir.Constant(int32, 0), ir.Constant(int32, 3), ir.Constant(int32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
+#: Rows of a block fetched ahead of use: the rows of a block are far apart in memory,
+#: so the hardware prefetcher does not see them coming.
+_ROWS_AHEAD = 4
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _prefetch_row(timeseries, t, start, width):
+    """Prefetch ``timeseries[t, start : start + width]`` if row t exists."""
+    if t < timeseries.shape[0]:
+        row = timeseries[t]
+        stop = min(start + width, row.size)
+        for index in range(start, stop, 64 // row.itemsize):
+            _prefetch(row, index)
+
+
+_SQRT2 = np.float32(np.sqrt(2.0))
+_LN2 = np.float32(np.log(2.0))
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _log(x):
+    """Natural log of a positive, finite, normal float32, to a few ulp.
+
+    x = m * 2**e with m in [sqrt(2)/2, sqrt(2)); log(m) = 2 atanh(s), s = (m-1)/(m+1),
+    |s| <= 0.172, by its odd series up to s**9 (the next term is below 1e-9 of the
+    result). Written out so that LLVM vectorises it, which it cannot do with calls to
+    the C library's logf.
+    """
+    bits = _single_bits(x)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    m = _single_from_bits((bits & 0x007FFFFF) | 0x3F800000)
+    if m > _SQRT2:
+        m *= np.float32(0.5)
+        exponent += 1
+    s = (m - np.float32(1.0)) / (m + np.float32(1.0))
+    s2 = s * s
+    series = np.float32(2.0 / 9.0)
+    series = series * s2 + np.float32(2.0 / 7.0)
+    series = series * s2 + np.float32(2.0 / 5.0)
+    series = series * s2 + np.float32(2.0 / 3.0)
+    series = series * s2 + np.float32(2.0)
+    return np.float32(exponent) * _LN2 + s * series
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _atanh(r):
+    """atanh of a float32 r, |r| < 1: sign(r) log1p(y) / 2 with y = 2|r| / (1 - |r|)
+    and log1p(y) = log(u) + (y - (u - 1)) / u, u = 1 + y, which keeps full relative
+    precision for small r (and, y being >= 0, near |r| = 1)."""
+    a = abs(r)
+    y = np.float32(2.0) * a / (np.float32(1.0) - a)
+    u = np.float32(1.0) + y
+    z = np.float32(0.5) * (_log(u) + (y - (u - np.float32(1.0))) / u)
+    return z if r >= 0 else -z
+
+
+@_compile
+def fisher_z(r, out):
+    """Fisher z (atanh) of float32 ``r`` (|r| < 1) into ``out``, with the kernels' own
+    vectorised atanh (exposed for testing)."""
+    for i in range(r.size):
+        out[i] = _atanh(r[i])
 
 
 @_compile
@@ -72,6 +183,29 @@ def gather_columns(timeseries, half, columns, out):
 
 
 @_compile
+def weighted_sums(timeseries, half, columns, owners, weights, out):
+    """Weighted sums of voxel columns per seed: ``out[t, l] = sum of weights[i] *
+    timeseries[t, columns[i]]`` over the i with ``owners[i] == l`` (float64).
+
+    ``columns`` should be sorted, so that each row of the stored array is read in
+    order. Four rows are summed side by side, which keeps four independent chains of
+    additions in flight.
+    """
+    out[:] = 0.0
+    n_timepoints = timeseries.shape[0]
+    for t0 in range(0, n_timepoints, 4):
+        rows = min(4, n_timepoints - t0)
+        for i in range(columns.size):
+            column, owner, weight = columns[i], owners[i], weights[i]
+            for dt in range(rows):
+                if half:
+                    value = _half_to_single(np.uint16(timeseries[t0 + dt, column]))
+                else:
+                    value = timeseries[t0 + dt, column]
+                out[t0 + dt, owner] += weight * np.float64(value)
+
+
+@_compile
 def centre_block(timeseries, start, half, centred, inverse_norms):
     """Centre the voxel columns ``start : start + width`` of one subject.
 
@@ -99,6 +233,7 @@ def centre_block(timeseries, start, half, centred, inverse_norms):
     _load_row(timeseries[0, start : start + width], half, first)
     sums = np.zeros(width, dtype=np.float32)
     for t in range(1, n_timepoints):
+        _prefetch_row(timeseries, t + _ROWS_AHEAD, start, width)
         row = centred[t]
         _load_row(timeseries[t, start : start + width], half, row)
         for j in range(width):
@@ -134,10 +269,11 @@ def _inverse_norms(squares, inverse_norms):
 
 
 @_compile
-def correlate_block(timeseries, start, half, seeds, limit, r, inverse_norms):
-    """Pearson r of a few seeds with the voxel columns ``start : start + width``, in one
-    pass over the stored values (no centred copy, no matrix product): the way for
-    small numbers of seeds, where the pass over memory is the whole cost.
+def correlate_block(timeseries, start, half, seeds, products, inverse_norms):
+    """Products of a few seeds with the centred voxel columns ``start : start + width``
+    and the columns' inverse norms, in one pass over the stored values (no centred
+    copy, no matrix product): the way for small numbers of seeds, where the pass over
+    memory is the whole cost.
 
     Parameters
     ----------
@@ -149,10 +285,8 @@ def correlate_block(timeseries, start, half, seeds, limit, r, inverse_norms):
         ``timeseries`` holds float16 bits.
     seeds : ndarray (L, T) float32
         Centred, unit-norm seeds.
-    limit : float32
-        r is clipped to ``[-limit, limit]``.
-    r : ndarray (L, width) float32
-        Receives r (0 for invalid voxels).
+    products : ndarray (L, width) float32
+        Receives ``seeds @ centred`` (Pearson r once scaled by ``inverse_norms``).
     inverse_norms : ndarray (width,) float32
         Receives 1 / norm of each centred voxel column, 0 where the voxel is invalid.
 
@@ -162,15 +296,16 @@ def correlate_block(timeseries, start, half, seeds, limit, r, inverse_norms):
     ``sum_t seed_t d_t`` are corrected by ``mean(d) * sum_t seed_t``, which makes them
     the products with the centred column.
     """
-    n_lesions, width = r.shape
+    n_lesions, width = products.shape
     n_timepoints = seeds.shape[1]
     first = np.empty(width, dtype=np.float32)
     row = np.empty(width, dtype=np.float32)
     sums = np.zeros(width, dtype=np.float32)
     squares = np.zeros(width, dtype=np.float32)
-    r[:] = 0.0
+    products[:] = 0.0
     _load_row(timeseries[0, start : start + width], half, first)
     for t in range(1, n_timepoints):
+        _prefetch_row(timeseries, t + _ROWS_AHEAD, start, width)
         _load_row(timeseries[t, start : start + width], half, row)
         for j in range(width):
             d = row[j] - first[j]
@@ -179,9 +314,9 @@ def correlate_block(timeseries, start, half, seeds, limit, r, inverse_norms):
             squares[j] += d * d
         for lesion in range(n_lesions):
             weight = seeds[lesion, t]
-            products = r[lesion]
+            target = products[lesion]
             for j in range(width):
-                products[j] += weight * row[j]
+                target[j] += weight * row[j]
     for j in range(width):
         mean = sums[j] / np.float32(n_timepoints)
         squares[j] -= sums[j] * mean
@@ -191,50 +326,52 @@ def correlate_block(timeseries, start, half, seeds, limit, r, inverse_norms):
         seed_sum = np.float32(0.0)
         for t in range(n_timepoints):
             seed_sum += seeds[lesion, t]
-        products = r[lesion]
+        target = products[lesion]
         for j in range(width):
-            value = (products[j] - sums[j] * seed_sum) * inverse_norms[j]
-            products[j] = min(max(value, -limit), limit) if inverse_norms[j] != 0 else np.float32(0.0)
+            target[j] -= sums[j] * seed_sum
 
 
 @_compile
-def scale_and_clip(products, inverse_norms, limit):
-    """Turn ``seeds' x_centred`` into Pearson r in place: multiply column j by
-    ``inverse_norms[j]`` and clip to ``[-limit, limit]``."""
-    n_rows, width = products.shape
-    for i in range(n_rows):
-        out = products[i]
-        for j in range(width):
-            out[j] = min(max(out[j] * inverse_norms[j], -limit), limit)
+def accumulate(products, inverse_norms, valid_seeds, limit, set_shift, shift, sum_dz, sum_dz2):
+    """Fold one subject's block of seed-voxel products into the block's partial sums.
 
-
-@_compile
-def accumulate(z, shift, valid_voxels, valid_seeds, sum_dz, sum_dz2):
-    """Add ``z - shift`` and its square to a block's partial sums.
+    Each product is scaled by its voxel's inverse norm into Pearson r, clipped to
+    ``[-limit, limit]`` and turned into Fisher z; ``z - shift`` and its square are
+    added to the sums. Pairs of invalid voxels (inverse norm 0) or invalid seeds add
+    nothing.
 
     Parameters
     ----------
-    z : ndarray (L, width) float32
-        Fisher z of one subject for the block.
-    shift : ndarray (L, width) float32
-        Per-pair shift of the block.
-    valid_voxels : ndarray (width,) float32
-        Non-zero where the voxel was valid in this subject (its inverse norm).
+    products : ndarray (L, width) float32
+        Products of the unit-norm seeds with the centred voxel columns.
+    inverse_norms : ndarray (width,) float32
+        1 / norm of each centred voxel column, 0 for invalid voxels.
     valid_seeds : ndarray (L,) bool
         Seeds that were valid in this subject.
+    limit : float32
+        Correlations are clipped to ``[-limit, limit]``.
+    set_shift : bool
+        First subject: set ``shift`` to its z (0 for invalid pairs) first.
+    shift : ndarray (L, width) float32
+        Per-pair shift of the block.
     sum_dz, sum_dz2 : ndarray (L, width) float32
-        The block's partial sums; invalid pairs add nothing.
+        The block's partial sums.
     """
-    n_lesions, width = z.shape
+    n_lesions, width = products.shape
     for lesion in range(n_lesions):
         if not valid_seeds[lesion]:
             continue
-        values = z[lesion]
+        values = products[lesion]
         shifts = shift[lesion]
         sums = sum_dz[lesion]
         squares = sum_dz2[lesion]
+        if set_shift:
+            for j in range(width):
+                r = min(max(values[j] * inverse_norms[j], -limit), limit)
+                shifts[j] = _atanh(r) if inverse_norms[j] != 0 else np.float32(0.0)
         for j in range(width):
-            d = values[j] - shifts[j] if valid_voxels[j] != 0 else np.float32(0.0)
+            r = min(max(values[j] * inverse_norms[j], -limit), limit)
+            d = _atanh(r) - shifts[j] if inverse_norms[j] != 0 else np.float32(0.0)
             sums[j] += d
             squares[j] += d * d
 

@@ -223,7 +223,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
     def _subjects_memory(self) -> int:
         """Memory for connectome subjects in flight (a group and the next one)."""
         subject_bytes = max(f.n_timepoints * self.connectome.n_voxels * f.dtype.itemsize for f in self.connectome.files)
-        return int(np.clip(self.memory_budget // 4, 2 * subject_bytes, 2 * MAX_GROUP * subject_bytes))
+        return int(np.clip(self.memory_budget // 8, 2 * subject_bytes, 2 * MAX_GROUP * subject_bytes))
 
     def _chunk_budget(self) -> int:
         return max(self.memory_budget - self._subjects_memory(), 0)

@@ -180,7 +180,8 @@ class FunctionalConnectome:
                         dataset = handle["timeseries"]
                         offsets = _mappable_offsets(dataset)
                         if offsets is not None:
-                            subjects = _mapped_subjects(batch.path, offsets, dataset.shape[1:], dataset.dtype, keep=prefetch + hold + 1)
+                            keep, run = prefetch + hold + 1, max(1, hold // 2)
+                            subjects = _mapped_subjects(batch.path, offsets, dataset.shape[1:], dataset.dtype, keep, run)
                         else:
                             subjects = _buffered_subjects(dataset, buffers=prefetch + hold + 1)
                         for timeseries in subjects:
@@ -241,14 +242,16 @@ def _mappable_offsets(dataset: h5py.Dataset) -> list[int] | None:
 _MADV_POPULATE_READ = 22
 
 
-def _mapped_subjects(path: Path, offsets: list[int], shape: tuple[int, int], dtype: np.dtype, keep: int) -> Iterator[np.ndarray]:
+def _mapped_subjects(
+    path: Path, offsets: list[int], shape: tuple[int, int], dtype: np.dtype, keep: int, run: int
+) -> Iterator[np.ndarray]:
     """Subjects as read-only arrays over one mapping of the whole file.
 
     Each subject's pages are faulted in before it is handed over, so the consumer never
     waits on the disk. Pages of subjects handed over more than ``keep`` subjects ago are
-    dropped from the mapping (not from the page cache) in runs, so the process holds a
-    few subjects at a time; dropping is batched because each drop interrupts every
-    thread of the process to flush its TLB.
+    dropped from the mapping (not from the page cache) in runs of ``run`` subjects, so
+    the process holds at most ``keep + run`` subjects at a time; dropping is batched
+    because each drop interrupts every thread of the process to flush its TLB.
     """
     count = shape[0] * shape[1]
     nbytes = count * dtype.itemsize
@@ -262,8 +265,8 @@ def _mapped_subjects(path: Path, offsets: list[int], shape: tuple[int, int], dty
         _populate(whole, start, offset + nbytes - start)
         yield whole[offset : offset + nbytes].view(dtype).reshape(shape)
         handed_over.append(offset)
-        if len(handed_over) >= 2 * keep:
-            released, handed_over = handed_over[:keep], handed_over[keep:]
+        if len(handed_over) >= keep + run:
+            released, handed_over = handed_over[:run], handed_over[run:]
             first = min(released) - min(released) % page
             last = max(released) + nbytes
             last -= last % page  # a page shared with a subject still in use stays
