@@ -56,39 +56,30 @@ def test_both_correlation_kernels_match_numpy(dtype):
         np.testing.assert_allclose(r, expected[:, valid], atol=2e-6)
 
 
-def test_fisher_z_matches_numpy_arctanh():
-    r = np.concatenate([np.linspace(-1 + 2**-20, 1 - 2**-20, 200_001), 10.0 ** -np.arange(1, 38), [0.0, -0.0]])
-    r = r.astype(np.float32)
-    z = np.empty_like(r)
-    kernels.fisher_z(r, z)
-    expected = np.arctanh(r.astype(np.float64))
-    np.testing.assert_allclose(z, expected, rtol=5e-7, atol=0)
-
-
-def test_accumulate_folds_fisher_z_of_valid_pairs():
+def test_accumulate_folds_valid_pairs_around_the_first_subject():
     rng = np.random.default_rng(2)
-    n_lesions, width, limit = 3, 40, np.float32(1 - 2**-20)
+    n_lesions, width = 3, 40
     valid_seeds = np.array([True, False, True])
-    norms = rng.uniform(0.5, 2, width).astype(np.float32)
-    norms[7] = 0  # invalid voxel
+    valid_voxels = np.ones(width, dtype=np.float32)
+    valid_voxels[7] = 0
     shift = np.zeros((n_lesions, width), dtype=np.float32)
     sums = np.zeros((n_lesions, width), dtype=np.float32)
     squares = np.zeros((n_lesions, width), dtype=np.float32)
-    z_first = None
+    z = rng.normal(size=(3, n_lesions, width)).astype(np.float32)
     for subject in range(3):
-        products = (rng.uniform(-0.95, 0.95, (n_lesions, width)) / norms.clip(0.5)).astype(np.float32)
-        products[0, 0] = 5.0  # r far above 1 is clipped
-        kernels.accumulate(products, norms, valid_seeds, limit, subject == 0, shift, sums, squares)
-        z = np.arctanh(np.clip(products.astype(np.float64) * norms, -limit, limit))
-        z_first = z if z_first is None else z_first
-        expected_d = np.where((norms != 0) & valid_seeds[:, None], z - np.where(norms != 0, z_first, 0), 0)
-        if subject == 0:
-            expected_sums, expected_squares = expected_d, expected_d**2
-        else:
-            expected_sums, expected_squares = expected_sums + expected_d, expected_squares + expected_d**2
-    np.testing.assert_allclose(sums[valid_seeds], expected_sums[valid_seeds], atol=1e-5)
-    np.testing.assert_allclose(squares[valid_seeds], expected_squares[valid_seeds], atol=1e-5)
-    assert np.all(sums[~valid_seeds] == 0) and np.all(sums[:, 7] == 0)
+        kernels.accumulate(z[subject].copy(), valid_voxels, valid_seeds, subject == 0, shift, sums, squares)
+    counted = valid_seeds[:, None] & (valid_voxels != 0)
+    d = np.where(counted, z.astype(np.float64) - np.where(valid_voxels != 0, z[0], 0), 0)
+    np.testing.assert_allclose(sums, d.sum(axis=0), atol=1e-5)
+    np.testing.assert_allclose(squares, (d**2).sum(axis=0), atol=1e-5)
+    assert np.all(sums[1] == 0) and np.all(squares[:, 7] == 0)
+
+
+def test_scale_and_clip_gives_clipped_r():
+    products = np.array([[0.5, 3.0, -3.0, 0.2]], dtype=np.float32)
+    norms = np.array([1.0, 1.0, 1.0, 0.0], dtype=np.float32)
+    kernels.scale_and_clip(products, norms, np.float32(0.99))
+    np.testing.assert_array_equal(products, np.float32([[0.5, 0.99, -0.99, 0.0]]))
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 7, 29, 99, 999, 5000, 100_000])

@@ -11,8 +11,8 @@ threads, and for each block and each subject of the group:
 2. one float32 matrix product ``seeds.T @ block`` gives all lesions' products with the
    voxels (for a few lesions, one pass over the stored values gives them instead);
 3. each product is scaled to Pearson r, clipped to +-:data:`R_MAX` and turned into
-   Fisher z, and ``z - shift`` and its square are added to the block's float32 partial
-   sums (:func:`~lacuna.analysis.functional_kernels.accumulate`).
+   Fisher z (numpy's vectorised arctanh), and ``z - shift`` and its square are added to
+   the block's float32 partial sums.
 
 After the group, the partial sums are folded into float64 running sums. Grouping lets a
 block's sums stay in cache across the group's subjects instead of travelling to and from
@@ -264,8 +264,10 @@ class _BlockWorker:
         invalid = np.empty((len(group), width), dtype=bool)
         for index, subject in enumerate(group):
             self.products(subject, block.start, centred, inverse_norms, products)
+            kernels.scale_and_clip(products, inverse_norms, _LIMIT)
+            z = np.arctanh(products, out=products)
             set_shift = first_group and index == 0
-            kernels.accumulate(products, inverse_norms, subject.valid_seeds, _LIMIT, set_shift, shift, sum_dz, sum_dz2)
+            kernels.accumulate(z, inverse_norms, subject.valid_seeds, set_shift, shift, sum_dz, sum_dz2)
             if set_shift:
                 self.sums.shift[:, block] = shift
             np.equal(inverse_norms, 0, out=invalid[index])

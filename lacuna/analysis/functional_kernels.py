@@ -46,33 +46,6 @@ def _half_to_single(typingctx, bits):
 
 
 @intrinsic
-def _single_bits(typingctx, value):
-    """The bits of a float32 as int32."""
-    if value != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
-def _single_from_bits(typingctx, bits):
-    """The float32 whose bits are the low 32 bits of the integer ``bits``."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        value = args[0]
-        if bits.bitwidth > 32:
-            value = builder.trunc(value, ir.IntType(32))
-        return builder.bitcast(value, ir.FloatType())
-
-    return types.float32(bits), codegen
-
-
-@intrinsic
 def _prefetch(typingctx, array, index):
     """Hint the CPU to fetch ``array[index]`` into cache (``llvm.prefetch``)."""
     if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
@@ -104,55 +77,6 @@ def _prefetch_row(timeseries, t, start, width):
         stop = min(start + width, row.size)
         for index in range(start, stop, 64 // row.itemsize):
             _prefetch(row, index)
-
-
-_SQRT2 = np.float32(np.sqrt(2.0))
-_LN2 = np.float32(np.log(2.0))
-
-
-@numba.njit(inline="always", error_model="numpy")
-def _log(x):
-    """Natural log of a positive, finite, normal float32, to a few ulp.
-
-    x = m * 2**e with m in [sqrt(2)/2, sqrt(2)); log(m) = 2 atanh(s), s = (m-1)/(m+1),
-    |s| <= 0.172, by its odd series up to s**9 (the next term is below 1e-9 of the
-    result). Written out so that LLVM vectorises it, which it cannot do with calls to
-    the C library's logf.
-    """
-    bits = _single_bits(x)
-    exponent = ((bits >> 23) & 0xFF) - 127
-    m = _single_from_bits((bits & 0x007FFFFF) | 0x3F800000)
-    if m > _SQRT2:
-        m *= np.float32(0.5)
-        exponent += 1
-    s = (m - np.float32(1.0)) / (m + np.float32(1.0))
-    s2 = s * s
-    series = np.float32(2.0 / 9.0)
-    series = series * s2 + np.float32(2.0 / 7.0)
-    series = series * s2 + np.float32(2.0 / 5.0)
-    series = series * s2 + np.float32(2.0 / 3.0)
-    series = series * s2 + np.float32(2.0)
-    return np.float32(exponent) * _LN2 + s * series
-
-
-@numba.njit(inline="always", error_model="numpy")
-def _atanh(r):
-    """atanh of a float32 r, |r| < 1: sign(r) log1p(y) / 2 with y = 2|r| / (1 - |r|)
-    and log1p(y) = log(u) + (y - (u - 1)) / u, u = 1 + y, which keeps full relative
-    precision for small r (and, y being >= 0, near |r| = 1)."""
-    a = abs(r)
-    y = np.float32(2.0) * a / (np.float32(1.0) - a)
-    u = np.float32(1.0) + y
-    z = np.float32(0.5) * (_log(u) + (y - (u - np.float32(1.0))) / u)
-    return z if r >= 0 else -z
-
-
-@_compile
-def fisher_z(r, out):
-    """Fisher z (atanh) of float32 ``r`` (|r| < 1) into ``out``, with the kernels' own
-    vectorised atanh (exposed for testing)."""
-    for i in range(r.size):
-        out[i] = _atanh(r[i])
 
 
 @_compile
@@ -332,46 +256,48 @@ def correlate_block(timeseries, start, half, seeds, products, inverse_norms):
 
 
 @_compile
-def accumulate(products, inverse_norms, valid_seeds, limit, set_shift, shift, sum_dz, sum_dz2):
-    """Fold one subject's block of seed-voxel products into the block's partial sums.
+def scale_and_clip(products, inverse_norms, limit):
+    """Turn products of unit-norm seeds with centred voxels into Pearson r in place:
+    multiply column j by ``inverse_norms[j]`` and clip to ``[-limit, limit]``."""
+    n_rows, width = products.shape
+    for i in range(n_rows):
+        row = products[i]
+        for j in range(width):
+            row[j] = min(max(row[j] * inverse_norms[j], -limit), limit)
 
-    Each product is scaled by its voxel's inverse norm into Pearson r, clipped to
-    ``[-limit, limit]`` and turned into Fisher z; ``z - shift`` and its square are
-    added to the sums. Pairs of invalid voxels (inverse norm 0) or invalid seeds add
-    nothing.
+
+@_compile
+def accumulate(z, valid_voxels, valid_seeds, set_shift, shift, sum_dz, sum_dz2):
+    """Add one subject's ``z - shift`` and its square to a block's partial sums.
 
     Parameters
     ----------
-    products : ndarray (L, width) float32
-        Products of the unit-norm seeds with the centred voxel columns.
-    inverse_norms : ndarray (width,) float32
-        1 / norm of each centred voxel column, 0 for invalid voxels.
+    z : ndarray (L, width) float32
+        Fisher z of the subject for the block.
+    valid_voxels : ndarray (width,) float32
+        Non-zero where the voxel was valid in this subject (its inverse norm).
     valid_seeds : ndarray (L,) bool
         Seeds that were valid in this subject.
-    limit : float32
-        Correlations are clipped to ``[-limit, limit]``.
     set_shift : bool
         First subject: set ``shift`` to its z (0 for invalid pairs) first.
     shift : ndarray (L, width) float32
         Per-pair shift of the block.
     sum_dz, sum_dz2 : ndarray (L, width) float32
-        The block's partial sums.
+        The block's partial sums; invalid pairs add nothing.
     """
-    n_lesions, width = products.shape
+    n_lesions, width = z.shape
     for lesion in range(n_lesions):
         if not valid_seeds[lesion]:
             continue
-        values = products[lesion]
+        values = z[lesion]
         shifts = shift[lesion]
         sums = sum_dz[lesion]
         squares = sum_dz2[lesion]
         if set_shift:
             for j in range(width):
-                r = min(max(values[j] * inverse_norms[j], -limit), limit)
-                shifts[j] = _atanh(r) if inverse_norms[j] != 0 else np.float32(0.0)
+                shifts[j] = values[j] if valid_voxels[j] != 0 else np.float32(0.0)
         for j in range(width):
-            r = min(max(values[j] * inverse_norms[j], -limit), limit)
-            d = _atanh(r) - shifts[j] if inverse_norms[j] != 0 else np.float32(0.0)
+            d = values[j] - shifts[j] if valid_voxels[j] != 0 else np.float32(0.0)
             sums[j] += d
             squares[j] += d * d
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -258,10 +259,15 @@ class FunctionalNetworkMapping(BatchAnalysis):
             self.connectome, SeedDefinition.means(columns), self._progress("fLNM"), self._subjects_memory()
         )
         self.last_timing.append(timing)
+
+        def lesion_results(row: int) -> dict[str, Result]:
+            statistics = self._statistics(sums, row)
+            return self._results(chunk[row], columns[row], statistics, int(sums.excluded_seeds[row]))
+
+        # Statistics and output volumes are built on all cores, a few lesions ahead.
         with ThreadPoolExecutor(max_workers=worker_threads()) as pool:
-            statistics = pool.map(lambda row: self._statistics(sums, row), range(len(chunk)))
-            for row, (lesion, used, stats) in enumerate(zip(chunk, columns, statistics)):
-                results = self._results(lesion, used, stats, int(sums.excluded_seeds[row]))
+            outputs = _ordered_map(pool, lesion_results, range(len(chunk)), ahead=2 * worker_threads())
+            for lesion, used, results in zip(chunk, columns, outputs):
                 if self.return_in_input_space:
                     subject = lesion.subject
                     results = voxel_maps_to_space(results, subject.space, subject.resolution, lesion.step)
@@ -333,6 +339,18 @@ class FunctionalNetworkMapping(BatchAnalysis):
                 log.info("%s %s: %d/%d subjects, %.0f s elapsed, ETA %.0f s", self.connectome.name, what, done, total, seconds, eta)
 
         return report
+
+
+def _ordered_map(pool: ThreadPoolExecutor, function, items, ahead: int) -> Iterator:
+    """``function`` over ``items`` on ``pool``, results in order, with at most
+    ``ahead`` results waiting (``pool.map`` would compute them all at once)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _who(subject: SubjectData) -> str:

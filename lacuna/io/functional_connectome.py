@@ -27,6 +27,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import h5py
@@ -145,11 +146,16 @@ class FunctionalConnectome:
         lookup[tuple(self.mask_indices)] = np.arange(self.n_voxels)
         return lookup
 
+    @cached_property
+    def _flat_indices(self) -> np.ndarray:
+        return np.ravel_multi_index(tuple(self.mask_indices), self.mask_shape)
+
     def to_volume(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
         """Scatter per-voxel ``values`` (..., n_voxels) into volumes (..., X, Y, Z)."""
-        volume = np.full(values.shape[:-1] + tuple(self.mask_shape), fill, dtype=np.float32)
-        volume[(...,) + tuple(self.mask_indices)] = values
-        return volume
+        leading = values.shape[:-1]
+        volume = np.full(leading + (int(np.prod(self.mask_shape)),), fill, dtype=np.float32)
+        volume[..., self._flat_indices] = values
+        return volume.reshape(leading + tuple(self.mask_shape))
 
     def iter_subjects(self, prefetch: int = 2, prepare=None, hold: int = 1) -> Iterator:
         """Yield each subject's raw timeseries (n_timepoints, n_voxels), in order.
