@@ -69,13 +69,14 @@ def worker_threads() -> int:
 
 
 def block_size(n_lesions: int, n_timepoints: int) -> int:
-    """Voxels per block so that a block's working set fits in a core's cache (about
-    1 MiB): centred timeseries, correlations, shift and partial sums, or, for the
-    one-pass kernel, a few rows."""
+    """Voxels per block: a block's working set (centred timeseries, correlations, shift
+    and partial sums; for the one-pass kernel, a few rows) stays within about 2 MiB,
+    a core's L2 cache and a share of L3. Larger blocks would spill; smaller ones
+    spend more time in Python between the kernels."""
     if n_lesions <= DIRECT_MAX_LESIONS:
         return 2048
     per_voxel = 4 * (n_timepoints + 4 * n_lesions)
-    return int(np.clip((1 << 20) // per_voxel // 64 * 64, 256, 4096))
+    return int(np.clip((2 << 20) // per_voxel // 64 * 64, 256, 4096))
 
 
 def group_size(subject_bytes: int, memory_bytes: int) -> int:
@@ -376,6 +377,7 @@ def summarise(shift: np.ndarray, sum_dz: np.ndarray, sum_dz2: np.ndarray, n, com
     undefined: it is set to 0 and p to 1 there, and the voxels are flagged in
     ``undefined_t``. FDR adjustment (Benjamini-Hochberg) runs over the brain-mask voxels.
     """
+    df = float(n) - 1 if np.ndim(n) == 0 else None
     n = np.broadcast_to(np.asarray(n, dtype=np.float64), sum_dz.shape)
     mean = np.empty(sum_dz.shape)
     t = np.empty(sum_dz.shape)
@@ -392,11 +394,11 @@ def summarise(shift: np.ndarray, sum_dz: np.ndarray, sum_dz2: np.ndarray, n, com
     p = p_fdr = None
     if compute_p:
         p = np.ones_like(t)
-        p[defined] = two_sided_p(np.abs(t[defined]), n[defined] - 1)
+        p[defined] = two_sided_p(np.abs(t[defined]), n[defined] - 1 if df is None else df)
         p_fdr = benjamini_hochberg(p)
     return GroupStatistics(
         z=mean.astype(np.float32),
-        r=np.tanh(mean).astype(np.float32),
+        r=np.tanh(mean.astype(np.float32)),
         t=t.astype(np.float32),
         p=None if p is None else p.astype(np.float32),
         p_fdr=None if p_fdr is None else p_fdr.astype(np.float32),

@@ -344,11 +344,12 @@ def t_statistics(shift, sum_dz, sum_dz2, n, mean, t, defined):
 @_compile
 def cubic_hermite(x, step, values, slopes, out):
     """Evaluate the cubic Hermite interpolant through knots ``k * step`` with the given
-    ``values`` and ``slopes`` at each ``x`` (0 <= x <= (len(values) - 1) * step)."""
+    ``values`` and ``slopes`` at each ``x`` (0 <= x <= (len(values) - 1) * step; beyond,
+    the last piece is extended)."""
     last = values.size - 2
     for i in range(x.size):
         position = x[i] / step
-        k = min(int(position), last)
+        k = min(int(min(position, last)), last)
         u = position - k
         u2 = u * u
         u3 = u2 * u

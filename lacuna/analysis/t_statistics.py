@@ -87,13 +87,13 @@ def two_sided_p(abs_t: np.ndarray, df) -> np.ndarray:
 def _two_sided_p_one_df(abs_t: np.ndarray, df: float) -> np.ndarray:
     table = _table(df)
     x = np.log1p(abs_t)
-    inside = x <= table.x_max
-    log_p = np.empty(np.count_nonzero(inside))
-    kernels.cubic_hermite(np.ascontiguousarray(x[inside]), _STEP, table.values, table.slopes, log_p)
-    p = np.empty(abs_t.shape)
-    p[inside] = np.exp(log_p)
-    p[~inside] = _exact_two_sided_p(abs_t[~inside], df)
-    return np.minimum(p, 1.0)
+    log_p = np.empty(x.shape)
+    kernels.cubic_hermite(np.ascontiguousarray(x).ravel(), _STEP, table.values, table.slopes, log_p.ravel())
+    p = np.exp(np.minimum(log_p, 0.0, out=log_p), out=log_p)
+    beyond = x > table.x_max
+    if beyond.any():  # p < 1e-60 there: computed exactly
+        p[beyond] = _exact_two_sided_p(abs_t[beyond], df)
+    return p
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
