@@ -74,7 +74,7 @@ def block_size(n_lesions: int, n_timepoints: int) -> int:
     a core's L2 cache and a share of L3. Larger blocks would spill; smaller ones
     spend more time in Python between the kernels."""
     if n_lesions <= DIRECT_MAX_LESIONS:
-        return 2048
+        return 8192
     per_voxel = 4 * (n_timepoints + 4 * n_lesions)
     return int(np.clip((2 << 20) // per_voxel // 64 * 64, 256, 4096))
 
@@ -315,9 +315,11 @@ def stream_fisher_z(
     width = block_size(n_lesions, n_timepoints)
     blocks = [slice(start, min(start + width, n_voxels)) for start in range(0, n_voxels, width)]
     size = group_size(n_timepoints * n_voxels * max(f.dtype.itemsize for f in connectome.files), memory_bytes)
+    if n_lesions <= DIRECT_MAX_LESIONS:
+        size = min(size, 8)
     worker = _BlockWorker(sums, n_timepoints)
     started = time.perf_counter()
-    subjects = connectome.iter_subjects(prefetch=size, prepare=seeds.seeds, hold=size)
+    subjects = connectome.iter_subjects(prefetch=max(size, 2), prepare=seeds.seeds, hold=size)
     # Threads share the cores; BLAS must not spawn its own threads inside each of them.
     with ThreadPoolExecutor(max_workers=worker_threads()) as pool, threadpool_limits(1, user_api="blas"):
         waited = time.perf_counter()

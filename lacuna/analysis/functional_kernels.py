@@ -79,6 +79,14 @@ def _prefetch_row(timeseries, t, start, width):
             _prefetch(row, index)
 
 
+@numba.njit(inline="always", error_model="numpy")
+def _stored_value(row, j, half):
+    """``row[j]`` as float32; ``half``: ``row`` holds float16 bits."""
+    if half:
+        return _half_to_single(np.uint16(row[j]))
+    return np.float32(row[j])
+
+
 @_compile
 def _load_row(row, half, out):
     """Copy one row of stored values into float32 ``out``; ``half``: ``row`` holds the
@@ -113,14 +121,18 @@ def weighted_sums(timeseries, half, columns, owners, weights, out):
 
     ``columns`` should be sorted, so that each row of the stored array is read in
     order. Four rows are summed side by side, which keeps four independent chains of
-    additions in flight.
+    additions in flight, and the same columns of the next four rows are prefetched
+    (the reads hop through memory, so the hardware cannot guess them).
     """
     out[:] = 0.0
     n_timepoints = timeseries.shape[0]
     for t0 in range(0, n_timepoints, 4):
         rows = min(4, n_timepoints - t0)
+        ahead = min(4, n_timepoints - t0 - rows)  # rows of the next round
         for i in range(columns.size):
             column, owner, weight = columns[i], owners[i], weights[i]
+            for dt in range(ahead):
+                _prefetch(timeseries[t0 + rows + dt], column)
             for dt in range(rows):
                 if half:
                     value = _half_to_single(np.uint16(timeseries[t0 + dt, column]))
@@ -193,6 +205,55 @@ def _inverse_norms(squares, inverse_norms):
 
 
 @_compile
+def _correlate_columns(timeseries, start, half, seeds, products, inverse_norms):
+    """:func:`correlate_block` for at most :data:`_DIRECT_COLUMNS` columns, whose
+    running sums then stay in the L1 cache."""
+    n_lesions, width = products.shape
+    n_timepoints = seeds.shape[1]
+    first = np.empty(width, dtype=np.float32)
+    row = np.empty(width, dtype=np.float32)
+    sums = np.zeros(width, dtype=np.float32)
+    squares = np.zeros(width, dtype=np.float32)
+    products[:] = 0.0
+    _load_row(timeseries[0, start : start + width], half, first)
+    first_products = products[0]
+    for t in range(1, n_timepoints):
+        _prefetch_row(timeseries, t + _ROWS_AHEAD, start, width)
+        source = timeseries[t, start : start + width]
+        weight = seeds[0, t]
+        if n_lesions == 1:  # one loop, nothing stored but the sums
+            for j in range(width):
+                d = _stored_value(source, j, half) - first[j]
+                sums[j] += d
+                squares[j] += d * d
+                first_products[j] += weight * d
+            continue
+        for j in range(width):
+            d = _stored_value(source, j, half) - first[j]
+            row[j] = d
+            sums[j] += d
+            squares[j] += d * d
+            first_products[j] += weight * d
+        for lesion in range(1, n_lesions):
+            weight = seeds[lesion, t]
+            target = products[lesion]
+            for j in range(width):
+                target[j] += weight * row[j]
+    for j in range(width):
+        mean = sums[j] / np.float32(n_timepoints)
+        squares[j] -= sums[j] * mean
+        sums[j] = mean
+    _inverse_norms(squares, inverse_norms)
+    for lesion in range(n_lesions):
+        seed_sum = np.float32(0.0)
+        for t in range(n_timepoints):
+            seed_sum += seeds[lesion, t]
+        target = products[lesion]
+        for j in range(width):
+            target[j] -= sums[j] * seed_sum
+
+
+@_compile
 def correlate_block(timeseries, start, half, seeds, products, inverse_norms):
     """Products of a few seeds with the centred voxel columns ``start : start + width``
     and the columns' inverse norms, in one pass over the stored values (no centred
@@ -221,38 +282,15 @@ def correlate_block(timeseries, start, half, seeds, products, inverse_norms):
     the products with the centred column.
     """
     n_lesions, width = products.shape
-    n_timepoints = seeds.shape[1]
-    first = np.empty(width, dtype=np.float32)
-    row = np.empty(width, dtype=np.float32)
-    sums = np.zeros(width, dtype=np.float32)
-    squares = np.zeros(width, dtype=np.float32)
-    products[:] = 0.0
-    _load_row(timeseries[0, start : start + width], half, first)
-    for t in range(1, n_timepoints):
-        _prefetch_row(timeseries, t + _ROWS_AHEAD, start, width)
-        _load_row(timeseries[t, start : start + width], half, row)
-        for j in range(width):
-            d = row[j] - first[j]
-            row[j] = d
-            sums[j] += d
-            squares[j] += d * d
-        for lesion in range(n_lesions):
-            weight = seeds[lesion, t]
-            target = products[lesion]
-            for j in range(width):
-                target[j] += weight * row[j]
-    for j in range(width):
-        mean = sums[j] / np.float32(n_timepoints)
-        squares[j] -= sums[j] * mean
-        sums[j] = mean
-    _inverse_norms(squares, inverse_norms)
-    for lesion in range(n_lesions):
-        seed_sum = np.float32(0.0)
-        for t in range(n_timepoints):
-            seed_sum += seeds[lesion, t]
-        target = products[lesion]
-        for j in range(width):
-            target[j] -= sums[j] * seed_sum
+    for offset in range(0, width, _DIRECT_COLUMNS):
+        stop = min(offset + _DIRECT_COLUMNS, width)
+        part = np.empty((n_lesions, stop - offset), dtype=np.float32)  # contiguous: vectorised
+        _correlate_columns(timeseries, start + offset, half, seeds, part, inverse_norms[offset:stop])
+        products[:, offset:stop] = part
+
+
+#: Columns that the one-pass kernel takes at a time.
+_DIRECT_COLUMNS = 1024
 
 
 @_compile
