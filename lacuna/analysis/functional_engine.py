@@ -233,15 +233,19 @@ class _BlockWorker:
         self.local = threading.local()
 
     def _buffers(self, width: int) -> tuple[np.ndarray, ...]:
-        local = self.local
-        if getattr(local, "width", 0) < width:
+        """This thread's contiguous buffers for blocks of ``width`` voxels (there are
+        two widths: the blocks', and the last block's)."""
+        buffers = getattr(self.local, "buffers", None)
+        if buffers is None:
+            buffers = self.local.buffers = {}
+        if width not in buffers:
             shape = (self.n_lesions, width)
-            local.centred = np.empty((self.n_timepoints, width), dtype=np.float32)
-            local.inverse_norms = np.empty(width, dtype=np.float32)
-            local.arrays = [np.empty(shape, dtype=np.float32) for _ in range(4)]
-            local.width = width
-        products, shift, sum_dz, sum_dz2 = (array[:, :width] for array in local.arrays)
-        return local.centred[:, :width], local.inverse_norms[:width], products, shift, sum_dz, sum_dz2
+            buffers[width] = (
+                np.empty((self.n_timepoints, width), dtype=np.float32),
+                np.empty(width, dtype=np.float32),
+                *(np.empty(shape, dtype=np.float32) for _ in range(4)),
+            )
+        return buffers[width]
 
     def products(self, subject: _Subject, start: int, centred, inverse_norms, products) -> None:
         """Products of every seed with the block's centred voxels, and the voxels'

@@ -397,3 +397,26 @@ def cubic_hermite(x, step, values, slopes, out):
             + (3 * u2 - 2 * u3) * values[k + 1]
             + (u3 - u2) * step * slopes[k + 1]
         )
+
+
+def prepare() -> None:
+    """Compile every kernel (or load it from numba's cache) for the argument types the
+    engine passes, so that a pass does not stall on it midway. Loading takes a few
+    tenths of a second per process; compiling, a few seconds the first time."""
+    for dtype, half in ((np.uint16, True), (np.float32, False)):
+        timeseries = np.zeros((4, 16), dtype=dtype)
+        timeseries.flags.writeable = False  # subjects are handed over read-only
+        columns = np.arange(2, dtype=np.int64)
+        weighted_sums(timeseries, half, columns, columns, np.ones(2), np.empty((4, 2)))
+        gather_columns(timeseries, half, columns, np.empty((4, 2), dtype=np.float32))
+        seeds = np.ones((2, 4), dtype=np.float32)
+        centre_block(timeseries, 0, half, np.empty((4, 8), dtype=np.float32), np.empty(8, dtype=np.float32))
+        correlate_block(timeseries, 0, half, seeds, np.empty((2, 8), dtype=np.float32), np.empty(8, dtype=np.float32))
+    products = np.zeros((2, 8), dtype=np.float32)
+    valid = np.ones(8, dtype=np.float32)
+    scale_and_clip(products, valid, np.float32(0.5))
+    accumulate(products, valid, np.ones(2, dtype=bool), True, products.copy(), products.copy(), products.copy())
+    fold(products, np.zeros((2, 16)), 0)
+    vector = np.ones(4)
+    t_statistics(np.zeros(4, dtype=np.float32), vector, vector, vector, np.empty(4), np.empty(4), np.empty(4, dtype=bool))
+    cubic_hermite(vector, 0.5, vector, vector, np.empty(4))

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lacuna.analysis import functional_kernels as kernels
 from lacuna.analysis.base import BatchAnalysis, mask_on_grid, voxel_maps_to_space
 from lacuna.analysis.functional_engine import (
     MAX_GROUP,
@@ -152,6 +153,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
         self.memory_budget = int(memory_budget_gb * 1024**3) if memory_budget_gb else default_memory_budget()
         self.return_in_input_space = return_in_input_space
         self.last_timing: list[PassTiming] = []
+        kernels.prepare()
 
     @property
     def connectome_label(self) -> str:
