@@ -282,12 +282,16 @@ class _BlockWorker:
 
 
 def _groups(items: Iterator, size: int) -> Iterator[list]:
-    group = []
+    """Consecutive groups of ``items``: 1, 2, 4, ... up to ``size`` items, so that the
+    work starts as soon as the first subject is read."""
+    group: list = []
+    target = 1
     for item in items:
         group.append(item)
-        if len(group) == size:
+        if len(group) == target:
             yield group
             group = []
+            target = min(2 * target, size)
     if group:
         yield group
 
