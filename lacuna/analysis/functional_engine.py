@@ -316,15 +316,12 @@ def stream_fisher_z(
         Memory for the subjects in flight; sets the group size.
     """
     n_lesions, n_voxels = seeds.n_lesions, connectome.n_voxels
-    first = connectome.files[0]
-    n_timepoints = first.n_timepoints
+    n_timepoints = connectome.files[0].n_timepoints
     sums = FisherZSums.zeros(n_lesions, n_voxels)
     timing = PassTiming()
     width = block_size(n_lesions, n_timepoints)
     blocks = [slice(start, min(start + width, n_voxels)) for start in range(0, n_voxels, width)]
     size = group_size(n_timepoints * n_voxels * max(f.dtype.itemsize for f in connectome.files), memory_bytes)
-    if n_lesions <= DIRECT_MAX_LESIONS:
-        size = min(size, 8)
     worker = _BlockWorker(sums, n_timepoints)
     started = time.perf_counter()
     subjects = connectome.iter_subjects(prefetch=max(size, 2), prepare=seeds.seeds, hold=size)
