@@ -399,6 +399,18 @@ def cubic_hermite(x, step, values, slopes, out):
         )
 
 
+@_compile
+def step_up_adjust(p, order, out):
+    """Benjamini-Hochberg step-up: ``out[order[k]]`` = min over ranks j >= k of
+    ``p[order[j]] * m / (j + 1)``, capped at 1, for ``order`` sorting ``p``."""
+    m = p.size
+    running = 1.0
+    for k in range(m - 1, -1, -1):
+        index = order[k]
+        running = min(running, p[index] * m / (k + 1))
+        out[index] = running
+
+
 def prepare() -> None:
     """Compile every kernel (or load it from numba's cache) for the argument types the
     engine passes, so that a pass does not stall on it midway. Loading takes a few
@@ -420,3 +432,4 @@ def prepare() -> None:
     vector = np.ones(4)
     t_statistics(np.zeros(4, dtype=np.float32), vector, vector, vector, np.empty(4), np.empty(4), np.empty(4, dtype=bool))
     cubic_hermite(vector, 0.5, vector, vector, np.empty(4))
+    step_up_adjust(vector, np.arange(4), np.empty(4))
