@@ -14,8 +14,9 @@ A connectome is one ``.h5`` file or a folder of batch files, each self-contained
 ``format_version``  attribute, layout version (:data:`FORMAT_VERSION`)
 ==================  ========================================================================
 
-Subjects are read one at a time (one HDF5 chunk each), never the whole file, with the
-next subject read in a background thread while the current one is processed.
+Subjects are read one at a time (one HDF5 chunk each, memory-mapped when stored
+unfiltered), never the whole file, with the next subjects read in a background thread
+while the current ones are processed.
 """
 
 from __future__ import annotations
@@ -167,10 +168,12 @@ class FunctionalConnectome:
 
         Where a file stores each subject unfiltered and in native byte order (as
         :class:`ConnectomeWriter` does), subjects are memory-mapped from the file rather
-        than copied: the reader thread maps them and faults their pages in (from the
-        page cache, or from the disk), and a subject's pages are unmapped once its array
-        is released. Other files are read with HDF5 into a few reused buffers; then a
-        yielded array stays valid while the consumer holds at most ``hold`` of them.
+        than copied: the reader thread faults their pages in (from the page cache, or
+        from the disk), and drops them from the process once the consumer, holding at
+        most ``hold`` subjects, is done with them (an array used later still reads
+        correctly, from the page cache). Other files are read with HDF5 into a few reused
+        buffers; then a yielded array stays valid while the consumer holds at most
+        ``hold`` of them.
         """
         prefetch = max(1, prefetch)
         buffer: queue.Queue = queue.Queue(maxsize=prefetch)
