@@ -91,12 +91,8 @@ def _stored_value(row, j, half):
 def _load_row(row, half, out):
     """Copy one row of stored values into float32 ``out``; ``half``: ``row`` holds the
     bits of float16 values."""
-    if half:
-        for j in range(row.size):
-            out[j] = _half_to_single(np.uint16(row[j]))
-    else:
-        for j in range(row.size):
-            out[j] = row[j]
+    for j in range(row.size):
+        out[j] = _stored_value(row, j, half)
 
 
 @_compile
@@ -106,12 +102,8 @@ def gather_columns(timeseries, half, columns, out):
     for t in range(out.shape[0]):
         row = timeseries[t]
         target = out[t]
-        if half:
-            for i in range(columns.size):
-                target[i] = _half_to_single(np.uint16(row[columns[i]]))
-        else:
-            for i in range(columns.size):
-                target[i] = row[columns[i]]
+        for i in range(columns.size):
+            target[i] = _stored_value(row, columns[i], half)
 
 
 @_compile
@@ -134,10 +126,7 @@ def weighted_sums(timeseries, half, columns, owners, weights, out):
             for dt in range(ahead):
                 _prefetch(timeseries[t0 + rows + dt], column)
             for dt in range(rows):
-                if half:
-                    value = _half_to_single(np.uint16(timeseries[t0 + dt, column]))
-                else:
-                    value = timeseries[t0 + dt, column]
+                value = _stored_value(timeseries[t0 + dt], column, half)
                 out[t0 + dt, owner] += weight * np.float64(value)
 
 
