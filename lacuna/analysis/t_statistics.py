@@ -99,11 +99,15 @@ def _two_sided_p_one_df(abs_t: np.ndarray, df: float) -> np.ndarray:
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg FDR-adjusted p values of a 1-D array.
 
-    The same values as ``scipy.stats.false_discovery_control(p, method="bh")``, which
-    sorts stably; ties need no stable order here, and numpy's default sort is several
-    times faster on brain-sized maps.
+    The same values as ``scipy.stats.false_discovery_control(p, method="bh")`` (which
+    spends most of its time in a stable argsort); here p is ordered by sorting integer
+    keys that carry each value's index, several times faster on brain-sized maps, and
+    the step-up runs in one compiled pass.
     """
     p = np.ascontiguousarray(p, dtype=np.float64)
+    keys = np.empty(p.size, dtype=np.uint64)
+    shift = kernels.rank_keys(p, keys)
+    keys.sort()
     adjusted = np.empty_like(p)
-    kernels.step_up_adjust(p, np.argsort(p), adjusted)
+    kernels.step_up_adjust(p, keys, shift, adjusted)
     return adjusted
