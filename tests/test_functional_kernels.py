@@ -13,7 +13,7 @@ from lacuna.analysis.t_statistics import benjamini_hochberg, two_sided_p
 def test_every_float16_value_is_widened_exactly():
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(64, 1024)
     out = np.empty((64, 1024), dtype=np.float32)
-    kernels.gather_columns(bits, True, np.arange(1024), out)
+    kernels.gather_columns(bits, np.arange(1024), out)
     expected = bits.view(np.float16).astype(np.float32)
     same = (out.view(np.uint32) == expected.view(np.uint32)) | (np.isnan(out) & np.isnan(expected))
     assert same.all()
@@ -37,15 +37,14 @@ def test_both_correlation_kernels_match_numpy(dtype):
     seeds -= seeds.mean(axis=1, keepdims=True)
     seeds = (seeds / np.linalg.norm(seeds, axis=1, keepdims=True)).astype(np.float32)
     stored = data.view(np.uint16) if dtype == np.float16 else data
-    half = dtype == np.float16
     expected = _reference_r(data[:, start : start + width], seeds)
 
     products = np.empty((6, width), dtype=np.float32)
     inverse_norms = np.empty(width, dtype=np.float32)
-    kernels.correlate_block(stored, start, half, seeds, products, inverse_norms)
+    kernels.correlate_block(stored, start, seeds, products, inverse_norms)
     centred = np.empty((n_timepoints, width), dtype=np.float32)
     inverse_norms_2 = np.empty(width, dtype=np.float32)
-    kernels.centre_block(stored, start, half, centred, inverse_norms_2)
+    kernels.centre_block(stored, start, centred, inverse_norms_2)
     products_2 = seeds @ centred
 
     valid = np.ones(width, dtype=bool)

@@ -180,9 +180,8 @@ class SeedDefinition:
         its voxels' raw timeseries, summed in float64, then centred (which equals the
         weighted sum of the centred timeseries)."""
         columns, owners, weights = self._gather_plan
-        half = timeseries.dtype == np.float16
         sums = np.empty((timeseries.shape[0], self.n_lesions))
-        kernels.weighted_sums(timeseries.view(np.uint16) if half else timeseries, half, columns, owners, weights, sums)
+        kernels.weighted_sums(_stored(timeseries), columns, owners, weights, sums)
         sums -= sums.mean(axis=0)
         seeds = sums.astype(np.float32)
         invalid = normalise_columns(seeds)
@@ -193,8 +192,7 @@ def centred_columns(timeseries: np.ndarray, columns: np.ndarray) -> np.ndarray:
     """The voxel ``columns`` of ``timeseries`` (T x V, float16 or float32) as float32
     columns with their means removed (T x n)."""
     gathered = np.empty((timeseries.shape[0], columns.size), dtype=np.float32)
-    half = timeseries.dtype == np.float16
-    kernels.gather_columns(timeseries.view(np.uint16) if half else timeseries, half, columns, gathered)
+    kernels.gather_columns(_stored(timeseries), columns, gathered)
     gathered -= gathered.mean(axis=0, dtype=np.float64).astype(np.float32)
     return gathered
 
@@ -218,7 +216,6 @@ class _Subject:
     """One connectome subject of a group, as the block workers need it."""
 
     timeseries: np.ndarray  # (T, V) float32, or uint16 holding float16 bits
-    half: bool
     seeds: np.ndarray  # (L, T) float32
     valid_seeds: np.ndarray  # (L,) bool
 
@@ -251,9 +248,9 @@ class _BlockWorker:
         """Products of every seed with the block's centred voxels, and the voxels'
         inverse norms (Pearson r = product * inverse norm)."""
         if self.n_lesions <= DIRECT_MAX_LESIONS:
-            kernels.correlate_block(subject.timeseries, start, subject.half, subject.seeds, products, inverse_norms)
+            kernels.correlate_block(subject.timeseries, start, subject.seeds, products, inverse_norms)
             return
-        kernels.centre_block(subject.timeseries, start, subject.half, centred, inverse_norms)
+        kernels.centre_block(subject.timeseries, start, centred, inverse_norms)
         np.matmul(subject.seeds, centred, out=products)
 
     def __call__(self, group: list[_Subject], block: slice) -> np.ndarray:
@@ -346,8 +343,12 @@ def stream_fisher_z(
 
 
 def _as_subject(timeseries: np.ndarray, seeds_t: np.ndarray, invalid_seeds: np.ndarray) -> _Subject:
-    half = timeseries.dtype == np.float16
-    return _Subject(timeseries.view(np.uint16) if half else timeseries, half, seeds_t, ~invalid_seeds)
+    return _Subject(_stored(timeseries), seeds_t, ~invalid_seeds)
+
+
+def _stored(timeseries: np.ndarray) -> np.ndarray:
+    """The array the kernels take: float32 as is, float16 as its bits (uint16)."""
+    return timeseries.view(np.uint16) if timeseries.dtype == np.float16 else timeseries
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 
 def _compile(function):
@@ -79,35 +79,42 @@ def _prefetch_row(timeseries, t, start, width):
             _prefetch(row, index)
 
 
-@numba.njit(inline="always", error_model="numpy")
-def _stored_value(row, j, half):
-    """``row[j]`` as float32; ``half``: ``row`` holds float16 bits."""
-    if half:
-        return _half_to_single(np.uint16(row[j]))
-    return np.float32(row[j])
+def _stored_value(row, j):
+    """``row[j]`` as float32, where ``row`` holds float32 values or (uint16) the bits of
+    float16 values; compiled for each type separately (see the overload below)."""
+    raise NotImplementedError("only called from compiled kernels")
+
+
+@overload(_stored_value, inline="always")
+def _stored_value_for(row, j):
+    # Chosen by the stored type when the kernel is compiled, so that the loops carry
+    # no branch and vectorise.
+    if row.dtype == types.uint16:
+        return lambda row, j: _half_to_single(row[j])
+    return lambda row, j: np.float32(row[j])
 
 
 @_compile
-def _load_row(row, half, out):
-    """Copy one row of stored values into float32 ``out``; ``half``: ``row`` holds the
-    bits of float16 values."""
+def _load_row(row, out):
+    """Copy one row of stored values (float32, or uint16 float16 bits) into float32
+    ``out``."""
     for j in range(row.size):
-        out[j] = _stored_value(row, j, half)
+        out[j] = _stored_value(row, j)
 
 
 @_compile
-def gather_columns(timeseries, half, columns, out):
+def gather_columns(timeseries, columns, out):
     """Copy the voxel ``columns`` of one subject into float32 ``out`` (T x n), row by
     row (each row of the stored array is read once, in column order)."""
     for t in range(out.shape[0]):
         row = timeseries[t]
         target = out[t]
         for i in range(columns.size):
-            target[i] = _stored_value(row, columns[i], half)
+            target[i] = _stored_value(row, columns[i])
 
 
 @_compile
-def weighted_sums(timeseries, half, columns, owners, weights, out):
+def weighted_sums(timeseries, columns, owners, weights, out):
     """Weighted sums of voxel columns per seed: ``out[t, l] = sum of weights[i] *
     timeseries[t, columns[i]]`` over the i with ``owners[i] == l`` (float64).
 
@@ -126,12 +133,12 @@ def weighted_sums(timeseries, half, columns, owners, weights, out):
             for dt in range(ahead):
                 _prefetch(timeseries[t0 + rows + dt], column)
             for dt in range(rows):
-                value = _stored_value(timeseries[t0 + dt], column, half)
+                value = _stored_value(timeseries[t0 + dt], column)
                 out[t0 + dt, owner] += weight * np.float64(value)
 
 
 @_compile
-def centre_block(timeseries, start, half, centred, inverse_norms):
+def centre_block(timeseries, start, centred, inverse_norms):
     """Centre the voxel columns ``start : start + width`` of one subject.
 
     Parameters
@@ -140,8 +147,6 @@ def centre_block(timeseries, start, half, centred, inverse_norms):
         One subject's stored timeseries.
     start : int
         First voxel of the block.
-    half : bool
-        ``timeseries`` holds float16 bits.
     centred : ndarray (T, width) float32
         Receives the centred columns (zero for invalid voxels).
     inverse_norms : ndarray (width,) float32
@@ -155,12 +160,12 @@ def centre_block(timeseries, start, half, centred, inverse_norms):
     """
     n_timepoints, width = centred.shape
     first = centred[0]
-    _load_row(timeseries[0, start : start + width], half, first)
+    _load_row(timeseries[0, start : start + width], first)
     sums = np.zeros(width, dtype=np.float32)
     for t in range(1, n_timepoints):
         _prefetch_row(timeseries, t + _ROWS_AHEAD, start, width)
         row = centred[t]
-        _load_row(timeseries[t, start : start + width], half, row)
+        _load_row(timeseries[t, start : start + width], row)
         for j in range(width):
             sums[j] += row[j] - first[j]
     means = np.empty(width, dtype=np.float32)
@@ -194,7 +199,7 @@ def _inverse_norms(squares, inverse_norms):
 
 
 @_compile
-def _correlate_columns(timeseries, start, half, seeds, products, inverse_norms):
+def _correlate_columns(timeseries, start, seeds, products, inverse_norms):
     """:func:`correlate_block` for at most :data:`_DIRECT_COLUMNS` columns, whose
     running sums then stay in the L1 cache."""
     n_lesions, width = products.shape
@@ -204,7 +209,7 @@ def _correlate_columns(timeseries, start, half, seeds, products, inverse_norms):
     sums = np.zeros(width, dtype=np.float32)
     squares = np.zeros(width, dtype=np.float32)
     products[:] = 0.0
-    _load_row(timeseries[0, start : start + width], half, first)
+    _load_row(timeseries[0, start : start + width], first)
     first_products = products[0]
     for t in range(1, n_timepoints):
         _prefetch_row(timeseries, t + _ROWS_AHEAD, start, width)
@@ -212,13 +217,13 @@ def _correlate_columns(timeseries, start, half, seeds, products, inverse_norms):
         weight = seeds[0, t]
         if n_lesions == 1:  # one loop, nothing stored but the sums
             for j in range(width):
-                d = _stored_value(source, j, half) - first[j]
+                d = _stored_value(source, j) - first[j]
                 sums[j] += d
                 squares[j] += d * d
                 first_products[j] += weight * d
             continue
         for j in range(width):
-            d = _stored_value(source, j, half) - first[j]
+            d = _stored_value(source, j) - first[j]
             row[j] = d
             sums[j] += d
             squares[j] += d * d
@@ -243,7 +248,7 @@ def _correlate_columns(timeseries, start, half, seeds, products, inverse_norms):
 
 
 @_compile
-def correlate_block(timeseries, start, half, seeds, products, inverse_norms):
+def correlate_block(timeseries, start, seeds, products, inverse_norms):
     """Products of a few seeds with the centred voxel columns ``start : start + width``
     and the columns' inverse norms, in one pass over the stored values (no centred
     copy, no matrix product): the way for small numbers of seeds, where the pass over
@@ -255,8 +260,6 @@ def correlate_block(timeseries, start, half, seeds, products, inverse_norms):
         One subject's stored timeseries.
     start : int
         First voxel of the block.
-    half : bool
-        ``timeseries`` holds float16 bits.
     seeds : ndarray (L, T) float32
         Centred, unit-norm seeds.
     products : ndarray (L, width) float32
@@ -274,7 +277,7 @@ def correlate_block(timeseries, start, half, seeds, products, inverse_norms):
     for offset in range(0, width, _DIRECT_COLUMNS):
         stop = min(offset + _DIRECT_COLUMNS, width)
         part = np.empty((n_lesions, stop - offset), dtype=np.float32)  # contiguous: vectorised
-        _correlate_columns(timeseries, start + offset, half, seeds, part, inverse_norms[offset:stop])
+        _correlate_columns(timeseries, start + offset, seeds, part, inverse_norms[offset:stop])
         products[:, offset:stop] = part
 
 
@@ -419,15 +422,15 @@ def prepare() -> None:
     """Compile every kernel (or load it from numba's cache) for the argument types the
     engine passes, so that a pass does not stall on it midway. Loading takes a few
     tenths of a second per process; compiling, a few seconds the first time."""
-    for dtype, half in ((np.uint16, True), (np.float32, False)):
+    for dtype in (np.uint16, np.float32):
         timeseries = np.zeros((4, 16), dtype=dtype)
         timeseries.flags.writeable = False  # subjects are handed over read-only
         columns = np.arange(2, dtype=np.int64)
-        weighted_sums(timeseries, half, columns, columns, np.ones(2), np.empty((4, 2)))
-        gather_columns(timeseries, half, columns, np.empty((4, 2), dtype=np.float32))
+        weighted_sums(timeseries, columns, columns, np.ones(2), np.empty((4, 2)))
+        gather_columns(timeseries, columns, np.empty((4, 2), dtype=np.float32))
         seeds = np.ones((2, 4), dtype=np.float32)
-        centre_block(timeseries, 0, half, np.empty((4, 8), dtype=np.float32), np.empty(8, dtype=np.float32))
-        correlate_block(timeseries, 0, half, seeds, np.empty((2, 8), dtype=np.float32), np.empty(8, dtype=np.float32))
+        centre_block(timeseries, 0, np.empty((4, 8), dtype=np.float32), np.empty(8, dtype=np.float32))
+        correlate_block(timeseries, 0, seeds, np.empty((2, 8), dtype=np.float32), np.empty(8, dtype=np.float32))
     products = np.zeros((2, 8), dtype=np.float32)
     valid = np.ones(8, dtype=np.float32)
     scale_and_clip(products, valid, np.float32(0.5))
