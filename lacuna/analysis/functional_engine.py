@@ -70,13 +70,13 @@ def worker_threads() -> int:
 
 def block_size(n_lesions: int, n_timepoints: int) -> int:
     """Voxels per block: a block's working set (centred timeseries, correlations, shift
-    and partial sums; for the one-pass kernel, a few rows) stays within about 2 MiB,
-    a core's L2 cache and a share of L3. Larger blocks would spill; smaller ones
-    spend more time in Python between the kernels."""
+    and partial sums) stays within about 4 MiB, a core's L2 cache and a share of L3
+    (measured best: smaller blocks spend more time in Python between the kernels).
+    The one-pass kernel works through its blocks in L1-sized parts itself."""
     if n_lesions <= DIRECT_MAX_LESIONS:
         return 8192
     per_voxel = 4 * (n_timepoints + 4 * n_lesions)
-    return int(np.clip((2 << 20) // per_voxel // 64 * 64, 256, 4096))
+    return int(np.clip((4 << 20) // per_voxel // 64 * 64, 256, 8192))
 
 
 def group_size(subject_bytes: int, memory_bytes: int) -> int:
