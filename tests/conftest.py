@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import nibabel as nib
@@ -83,27 +84,10 @@ def write_bids_dataset(root: Path, masks: dict[str, tuple[np.ndarray, np.ndarray
 @pytest.fixture
 def static_server():
     """Start HTTP servers on 127.0.0.1 serving folders; yields ``serve(folder) -> base URL``."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from fake_servers import FolderServer
 
-    class QuietHandler(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    servers = []
-
-    def serve(folder: Path) -> str:
-        handler = functools.partial(QuietHandler, directory=str(folder))
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield serve
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    with ExitStack() as servers:
+        yield lambda folder: servers.enter_context(FolderServer(folder)).url
 
 
 def write_itk_transform(path: Path, affine_lps: np.ndarray | None = None, field=None) -> Path:

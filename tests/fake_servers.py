@@ -1,21 +1,24 @@
-"""Local HTTP servers speaking just enough of the Dataverse, Figshare and GitHub release
-APIs to drive :mod:`lacuna.io.fetch` end to end (127.0.0.1, port 0, one thread).
+"""Local HTTP servers for the tests (127.0.0.1, port 0): :class:`FolderServer` serves a
+folder; :class:`FakeServer` speaks just enough of the Dataverse, Figshare and GitHub
+release APIs to drive :mod:`lacuna.io.fetch` end to end.
 
 :class:`FakeServer` serves registered routes: files (with HTTP ``Range``), JSON
 documents, redirects; each can require a header (an API key). Per-path fault queues
-script failures: an HTTP status code, or ``"cut"`` (announce the whole body, send half,
-close the connection). Every request is recorded (method, path, query, headers, bytes
+script failures: an HTTP status code, ``"cut"`` (announce the whole body, send half,
+close the connection) or ``"ignore-range"``. Every request is recorded (method, path, query, headers, bytes
 sent).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -80,7 +83,8 @@ class FakeServer:
         self.routes[path] = Route("redirect", location)
 
     def fail(self, path: str, *actions) -> None:
-        """Queue failures for the next requests of ``path`` (status codes or "cut")."""
+        """Queue failures for the next requests of ``path``: status codes, ``"cut"``, or
+        ``"ignore-range"`` (answer 200 with the whole file despite a Range header)."""
         self.faults[path].extend(actions)
 
     # -- inspection -------------------------------------------------------------------
@@ -137,7 +141,7 @@ class FakeServer:
     def _file(self, handler, record, content: bytes, action: str, method: str) -> None:
         start = 0
         range_header = handler.headers.get("Range")
-        if range_header:
+        if range_header and action != "ignore-range":
             start = int(range_header.split("=")[1].split("-")[0])
             record.range_start = start
             if start >= len(content):
@@ -172,6 +176,35 @@ class FakeServer:
         record.sent = len(body)
 
     def __enter__(self) -> FakeServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FolderServer:
+    """Serve a folder on 127.0.0.1 (use as a context manager); ``url`` is its base URL
+    and ``paths`` the paths requested."""
+
+    def __init__(self, folder: Path):
+        self.paths: list[str] = []
+        server = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.paths.append(self.path)
+                super().do_GET()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> FolderServer:
         self.thread.start()
         return self
 

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import save_mask, write_bids_dataset
 
 from lacuna.cli.main import cli, expand_multi_value_options
 from lacuna.io.validation import validate_bids_derivatives
@@ -85,25 +86,6 @@ def ball_1mm(index: int, radius: float = 7) -> np.ndarray:
 
 def ball_2mm(index: int, radius: float = 8) -> np.ndarray:
     return ball(SHAPE_2MM, AFFINE_2MM, CENTRES[index % len(CENTRES)], radius)
-
-
-def write_image(path: Path, data, affine, sidecar: dict | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm")
-    nib.save(img, path)
-    if sidecar is not None:
-        path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar))
-    return path
-
-
-def make_dataset(root: Path, masks: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
-    """BIDS dataset with ``masks`` (relative path -> (data, affine))."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset_description.json").write_text(json.dumps({"Name": "test", "BIDSVersion": "1.10.0"}))
-    for relative, (data, affine) in masks.items():
-        write_image(root / relative, data, affine)
-    return root
 
 
 def mask_name(sub: str, ses: str | None = None, label: str = "lesion", space: str | None = SPACE) -> str:
@@ -277,14 +259,14 @@ def check_table(path: Path, mask_1mm: np.ndarray, atlas: str = ATLAS) -> None:
 def good_dataset(tmp_path):
     """Three 1 mm masks (sub-01..03) and their arrays."""
     masks = {mask_name(f"0{i}"): (ball_1mm(i - 1), AFFINE_1MM) for i in (1, 2, 3)}
-    return make_dataset(tmp_path / "bids", masks), {k.split("/")[0][4:]: v[0] for k, v in masks.items()}
+    return write_bids_dataset(tmp_path / "bids", masks), {k.split("/")[0][4:]: v[0] for k, v in masks.items()}
 
 
 # ------------------------------------------------------------------ 1. bad masks
 
 
 def _truncated(path: Path) -> None:
-    write_image(path, ball_2mm(1), AFFINE_2MM)
+    save_mask(path, ball_2mm(1), AFFINE_2MM)
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
 
@@ -314,44 +296,44 @@ def _flipped_affine():
 
 BAD_MASKS = {
     # case: (file name of sub-02's mask, writer, words the message must contain)
-    "empty": (mask_name("02"), lambda p: write_image(p, np.zeros(SHAPE_2MM, np.uint8), AFFINE_2MM), ["empty"]),
-    "nonbinary": (mask_name("02"), lambda p: write_image(p, _nonbinary(), AFFINE_2MM), ["not binary"]),
+    "empty": (mask_name("02"), lambda p: save_mask(p, np.zeros(SHAPE_2MM, np.uint8), AFFINE_2MM), ["empty"]),
+    "nonbinary": (mask_name("02"), lambda p: save_mask(p, _nonbinary(), AFFINE_2MM), ["not binary"]),
     "4d": (
         mask_name("02"),
-        lambda p: write_image(p, np.stack([ball_2mm(1), ball_2mm(2)], axis=-1), AFFINE_2MM),
+        lambda p: save_mask(p, np.stack([ball_2mm(1), ball_2mm(2)], axis=-1), AFFINE_2MM),
         ["3-D", "(91, 109, 91, 2)"],
     ),
-    "nan": (mask_name("02"), lambda p: write_image(p, _with_nan(), AFFINE_2MM), ["NaN"]),
+    "nan": (mask_name("02"), lambda p: save_mask(p, _with_nan(), AFFINE_2MM), ["NaN"]),
     "truncated": (mask_name("02"), _truncated, ["cannot be read"]),
     "garbage": (mask_name("02"), _garbage, ["cannot be read"]),
     "grid-of-2009c": (
         mask_name("02"),
-        lambda p: write_image(p, np.pad(ball_2mm(1), ((3, 3), (3, 3), (3, 3))), AFFINE_2009C_2MM),
+        lambda p: save_mask(p, np.pad(ball_2mm(1), ((3, 3), (3, 3), (3, 3))), AFFINE_2009C_2MM),
         ["not a standard", SPACE],
     ),
     "flipped-affine": (
         mask_name("02"),
-        lambda p: write_image(p, ball_2mm(1), _flipped_affine()),
+        lambda p: save_mask(p, ball_2mm(1), _flipped_affine()),
         ["not a standard", SPACE],
     ),
     "declared-2009c-on-6asym-grid": (
         mask_name("02", space="MNI152NLin2009cAsym"),
-        lambda p: write_image(p, ball_2mm(1), AFFINE_2MM),
+        lambda p: save_mask(p, ball_2mm(1), AFFINE_2MM),
         ["not a standard", "MNI152NLin2009cAsym"],
     ),
     "space-MNI305": (
         mask_name("02", space="MNI305"),
-        lambda p: write_image(p, ball_2mm(1), AFFINE_2MM),
+        lambda p: save_mask(p, ball_2mm(1), AFFINE_2MM),
         ["MNI305", "unsupported"],
     ),
     "sidecar-MNI305": (
         mask_name("02", space=None),
-        lambda p: write_image(p, ball_2mm(1), AFFINE_2MM, sidecar={"SpatialReference": "MNI305"}),
+        lambda p: save_mask(p, ball_2mm(1), AFFINE_2MM, sidecar={"SpatialReference": "MNI305"}),
         ["MNI305", "unsupported"],
     ),
     "no-space": (
         mask_name("02", space=None),
-        lambda p: write_image(p, ball_2mm(1), AFFINE_2MM),
+        lambda p: save_mask(p, ball_2mm(1), AFFINE_2MM),
         ["no coordinate space"],
     ),
 }
@@ -361,7 +343,7 @@ BAD_MASKS = {
 def test_bad_mask_fails_alone(tmp_path, case):
     relative, writer, words = BAD_MASKS[case]
     good = ball_1mm(0)
-    bids = make_dataset(tmp_path / "bids", {mask_name("01"): (good, AFFINE_1MM), mask_name("03"): (ball_1mm(2), AFFINE_1MM)})
+    bids = write_bids_dataset(tmp_path / "bids", {mask_name("01"): (good, AFFINE_1MM), mask_name("03"): (ball_1mm(2), AFFINE_1MM)})
     writer(bids / relative)
     out = tmp_path / "out"
 
@@ -385,7 +367,7 @@ def test_bad_mask_fails_alone(tmp_path, case):
 
 
 def test_all_bad_masks_in_one_dataset_are_each_reported(tmp_path):
-    bids = make_dataset(tmp_path / "bids", {mask_name("01"): (ball_1mm(0), AFFINE_1MM)})
+    bids = write_bids_dataset(tmp_path / "bids", {mask_name("01"): (ball_1mm(0), AFFINE_1MM)})
     bad = {}
     for i, (case, (relative, writer, _)) in enumerate(BAD_MASKS.items()):
         relative = relative.replace("sub-02", f"sub-bad{i}")
@@ -441,7 +423,7 @@ def test_session_label(tmp_path):
         mask_name("01", "02"): (ball_1mm(1), AFFINE_1MM),
         mask_name("02", "02"): (ball_1mm(2), AFFINE_1MM),
     }
-    bids = make_dataset(tmp_path / "bids", masks)
+    bids = write_bids_dataset(tmp_path / "bids", masks)
     out = tmp_path / "out"
     result = participant(bids, out, "--session-label", "02")
     assert result.exit_code == 0, result.output
@@ -462,7 +444,7 @@ def test_mask_label(tmp_path):
         mask_name("01", label="chronic"): (ball_1mm(1), AFFINE_1MM),
         mask_name("02", label="chronic"): (ball_1mm(2), AFFINE_1MM),
     }
-    bids = make_dataset(tmp_path / "bids", masks)
+    bids = write_bids_dataset(tmp_path / "bids", masks)
     out = tmp_path / "out"
     result = participant(bids, out, "--mask-label", "acuteinfarct")
     assert result.exit_code == 0, result.output
@@ -478,9 +460,9 @@ def test_mask_label(tmp_path):
 
 def test_mask_space(tmp_path):
     good = ball_1mm(3)
-    bids = make_dataset(tmp_path / "bids", {mask_name("01", space=None): (good, AFFINE_1MM)})
+    bids = write_bids_dataset(tmp_path / "bids", {mask_name("01", space=None): (good, AFFINE_1MM)})
     # sub-02 declares an unsupported space in its sidecar; --mask-space overrides it.
-    write_image(bids / mask_name("02", space=None), ball_1mm(4), AFFINE_1MM, sidecar={"SpatialReference": "MNI305"})
+    save_mask(bids / mask_name("02", space=None), ball_1mm(4), AFFINE_1MM, sidecar={"SpatialReference": "MNI305"})
     out = tmp_path / "out"
     result = participant(bids, out)
     assert result.exit_code == 1
@@ -502,7 +484,7 @@ def test_mask_space(tmp_path):
 @pytest.mark.parametrize("form", ["repeated", "space-separated"])
 def test_two_atlases_both_produce_tables(tmp_path, form):
     mask = ball_1mm(1)
-    bids = make_dataset(tmp_path / "bids", {mask_name("01"): (mask, AFFINE_1MM)})
+    bids = write_bids_dataset(tmp_path / "bids", {mask_name("01"): (mask, AFFINE_1MM)})
     out = tmp_path / "out"
     if form == "repeated":
         result = participant(bids, out, atlases=(ATLAS, ATLAS_200))
@@ -558,7 +540,7 @@ def test_work_dir(tmp_path, good_dataset):
 def test_nprocs_two_gives_the_same_bytes(tmp_path):
     masks = {mask_name(f"0{i}"): (ball_1mm(i), AFFINE_1MM) for i in range(1, 5)}
     masks[mask_name("05")] = (np.zeros(SHAPE_2MM, np.uint8), AFFINE_2MM)  # fails in its worker
-    bids = make_dataset(tmp_path / "bids", masks)
+    bids = write_bids_dataset(tmp_path / "bids", masks)
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = participant(bids, one, "--nprocs", "1", "--skip-bids-validation")
     r2 = participant(bids, two, "--nprocs", "2", "--skip-bids-validation")
@@ -615,7 +597,7 @@ def test_overwrite(tmp_path, good_dataset):
 
 def test_verbose_and_quiet(tmp_path):
     empty = np.zeros(SHAPE_1MM, np.uint8)
-    bids = make_dataset(tmp_path / "bids", {mask_name("01"): (ball_1mm(0), AFFINE_1MM), mask_name("02"): (empty, AFFINE_1MM)})
+    bids = write_bids_dataset(tmp_path / "bids", {mask_name("01"): (ball_1mm(0), AFFINE_1MM), mask_name("02"): (empty, AFFINE_1MM)})
     runs = {}
     for flags in ([], ["-v"], ["--verbose"], ["-q"], ["--quiet", "--quiet"]):
         result = participant(bids, tmp_path / f"out{'_'.join(flags)}", *flags)
@@ -675,22 +657,22 @@ def test_atlases_list_beside_positional_form(tmp_path, good_dataset):
 
 
 def _no_description(root: Path) -> None:
-    make_dataset(root, {mask_name("01"): (ball_1mm(0), AFFINE_1MM)})
+    write_bids_dataset(root, {mask_name("01"): (ball_1mm(0), AFFINE_1MM)})
     (root / "dataset_description.json").unlink()
 
 
 def _no_subjects(root: Path) -> None:
-    make_dataset(root, {"anat/sub-01_space-MNI152NLin6Asym_label-lesion_mask.nii.gz": (ball_2mm(0), AFFINE_2MM)})
+    write_bids_dataset(root, {"anat/sub-01_space-MNI152NLin6Asym_label-lesion_mask.nii.gz": (ball_2mm(0), AFFINE_2MM)})
 
 
 def _only_other_files(root: Path) -> None:
-    make_dataset(root, {})
+    write_bids_dataset(root, {})
     (root / "sub-01" / "anat").mkdir(parents=True)
-    write_image(root / "sub-01/anat/sub-01_T1w.nii.gz", ball_2mm(0), AFFINE_2MM)
+    save_mask(root / "sub-01/anat/sub-01_T1w.nii.gz", ball_2mm(0), AFFINE_2MM)
 
 
 def _one_mask(root: Path) -> None:
-    make_dataset(root, {mask_name("01"): (ball_2mm(0), AFFINE_2MM)})
+    write_bids_dataset(root, {mask_name("01"): (ball_2mm(0), AFFINE_2MM)})
 
 
 @pytest.mark.parametrize(
@@ -722,7 +704,7 @@ def test_unusable_dataset_exits_2(tmp_path, setup, options, words):
 
 
 def test_relative_paths_with_output_inside_bids(tmp_path):
-    bids = make_dataset(tmp_path / "bids", {mask_name("01"): (ball_1mm(0), AFFINE_1MM)})
+    bids = write_bids_dataset(tmp_path / "bids", {mask_name("01"): (ball_1mm(0), AFFINE_1MM)})
     args = ["bids", "bids/derivatives/lacuna", "participant", "--atlas-dir", ATLAS_ROOT, "--atlas", ATLAS, "-w", "bids/work"]
     for expected in ((1, 1, 0, 0), (1, 0, 1, 0)):
         result = lacuna(*args, cwd=tmp_path)
@@ -740,7 +722,7 @@ def test_relative_paths_with_output_inside_bids(tmp_path):
 def test_output_dir_equal_to_bids_dir_is_refused(tmp_path):
     """Writing derivatives into the raw dataset root would replace its description and
     turn the outputs into inputs of the next run: a usage error, nothing written."""
-    bids = make_dataset(tmp_path / "bids", {mask_name("01"): (ball_1mm(0), AFFINE_1MM)})
+    bids = write_bids_dataset(tmp_path / "bids", {mask_name("01"): (ball_1mm(0), AFFINE_1MM)})
     description = (bids / "dataset_description.json").read_bytes()
     before = sorted(p.relative_to(bids) for p in bids.rglob("*"))
     result = participant(bids, bids)
@@ -751,7 +733,7 @@ def test_output_dir_equal_to_bids_dir_is_refused(tmp_path):
 
 def test_masks_that_would_collide_fail_clearly(tmp_path):
     """Two masks of sub-01 that differ only by res- would write the same outputs (pitfall 8)."""
-    bids = make_dataset(
+    bids = write_bids_dataset(
         tmp_path / "bids",
         {
             f"sub-01/anat/sub-01_space-{SPACE}_res-1_label-lesion_mask.nii.gz": (ball_1mm(0), AFFINE_1MM),
@@ -771,14 +753,14 @@ def test_masks_that_would_collide_fail_clearly(tmp_path):
 @pytest.mark.parametrize("inside", ["derivatives/lacuna", "lacuna-out"])
 def test_outputs_inside_bids_are_not_inputs(tmp_path, inside):
     masks = {mask_name("01"): (ball_1mm(0), AFFINE_1MM), mask_name("02", "01"): (ball_1mm(1), AFFINE_1MM)}
-    bids = make_dataset(tmp_path / "bids", masks)
+    bids = write_bids_dataset(tmp_path / "bids", masks)
     out = bids / inside
     work = bids / "work"
     # A stray mask-like file in the work folder must not be picked up either.
-    write_image(work / "sub-09/anat/sub-09_space-MNI152NLin6Asym_label-lesion_mask.nii.gz", ball_1mm(2), AFFINE_1MM)
+    save_mask(work / "sub-09/anat/sub-09_space-MNI152NLin6Asym_label-lesion_mask.nii.gz", ball_1mm(2), AFFINE_1MM)
     # Nor masks of other pipelines or source data.
-    write_image(bids / "derivatives/othertool/sub-07/anat/sub-07_space-MNI152NLin6Asym_label-lesion_mask.nii.gz", ball_1mm(3), AFFINE_1MM)
-    write_image(bids / "sourcedata/sub-08/anat/sub-08_space-MNI152NLin6Asym_label-lesion_mask.nii.gz", ball_1mm(4), AFFINE_1MM)
+    save_mask(bids / "derivatives/othertool/sub-07/anat/sub-07_space-MNI152NLin6Asym_label-lesion_mask.nii.gz", ball_1mm(3), AFFINE_1MM)
+    save_mask(bids / "sourcedata/sub-08/anat/sub-08_space-MNI152NLin6Asym_label-lesion_mask.nii.gz", ball_1mm(4), AFFINE_1MM)
 
     first = participant(bids, out, "-w", work)
     assert first.exit_code == 0, first.output
@@ -820,7 +802,7 @@ def test_kill_and_rerun_gives_identical_tables(tmp_path):
     # Eight large 1 mm lesions, mapped onto Schaefer and onto the 2 mm Tian grid (resampled:
     # slow enough that the run is still going when the first mask is done).
     masks = {mask_name(f"0{i}"): (ball_1mm(i - 1, 22), AFFINE_1MM) for i in range(1, 9)}
-    bids = make_dataset(tmp_path / "bids", masks)
+    bids = write_bids_dataset(tmp_path / "bids", masks)
     clean_bids = tmp_path / "clean_bids"
     shutil.copytree(bids, clean_bids)
     out = tmp_path / "out"
@@ -893,7 +875,7 @@ def test_killing_a_parallel_run_leaves_no_worker_behind(tmp_path):
     """SIGKILL of the main process (what a scheduler or OOM killer does) must not leave
     --nprocs workers running on, still writing outputs that race with the re-run."""
     masks = {mask_name(f"0{i}"): (ball_1mm(i - 1, 22), AFFINE_1MM) for i in range(1, 9)}
-    bids = make_dataset(tmp_path / "bids", masks)
+    bids = write_bids_dataset(tmp_path / "bids", masks)
     out = tmp_path / "out"
     args = [_lacuna_executable(), str(bids), str(out), "participant", "--atlas-dir", str(ATLAS_ROOT), "--atlas", ATLAS,
             "--atlas", TIAN, "--skip-bids-validation", "--nprocs", "2"]
@@ -928,7 +910,7 @@ def test_tian_atlas_is_used_on_its_own_2mm_grid(tmp_path):
     """The Tian file says res-01 but is 2 mm on a 97x115x97 RAS grid: trust the header."""
     putamen = ball(SHAPE_1MM, AFFINE_1MM, (-26, 2, 2), 9)
     thalamus = ball(SHAPE_1MM, AFFINE_1MM, (11, -18, 7), 7)
-    bids = make_dataset(tmp_path / "bids", {mask_name("01"): (putamen, AFFINE_1MM), mask_name("02"): (thalamus, AFFINE_1MM)})
+    bids = write_bids_dataset(tmp_path / "bids", {mask_name("01"): (putamen, AFFINE_1MM), mask_name("02"): (thalamus, AFFINE_1MM)})
     out = tmp_path / "out"
     result = participant(bids, out, atlases=(TIAN,))
     assert result.exit_code == 0, result.output
@@ -949,7 +931,7 @@ def test_group_level_against_numpy(tmp_path):
     mask_2mm = ball_2mm(5, 9)
     files = {mask_name(sub, ses): (data, AFFINE_1MM) for (sub, ses), data in masks_1mm.items()}
     files[mask_name("04")] = (mask_2mm, AFFINE_2MM)
-    bids = make_dataset(tmp_path / "bids", files)
+    bids = write_bids_dataset(tmp_path / "bids", files)
     out = tmp_path / "derivatives"
     result = participant(bids, out)
     assert result.exit_code == 0, result.output
@@ -992,14 +974,14 @@ def test_group_level_against_numpy(tmp_path):
 
 @pytest.mark.parametrize("state", ["missing", "empty", "description-only", "no-provenance"])
 def test_group_without_participant_outputs_exits_2(tmp_path, state):
-    bids = make_dataset(tmp_path / "bids", {mask_name("01"): (ball_2mm(0), AFFINE_2MM)})
+    bids = write_bids_dataset(tmp_path / "bids", {mask_name("01"): (ball_2mm(0), AFFINE_2MM)})
     out = tmp_path / "out"
     if state != "missing":
         out.mkdir()
     if state == "description-only":
         (out / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.10.0", "DatasetType": "derivative"}))
     if state == "no-provenance":  # a mask whose run never finished
-        write_image(out / "sub-01/anat" / f"sub-01_space-{SPACE}_res-2_label-lesion_mask.nii.gz", ball_2mm(0), AFFINE_2MM)
+        save_mask(out / "sub-01/anat" / f"sub-01_space-{SPACE}_res-2_label-lesion_mask.nii.gz", ball_2mm(0), AFFINE_2MM)
     result = lacuna(bids, out, "group")
     assert result.exit_code == 2, result.output
     assert "participant" in result.output and "Traceback" not in result.output
@@ -1024,10 +1006,10 @@ def test_official_bids_validator_accepts_derivatives(tmp_path):
         mask_name("01", "02", label="chronic"): (ball_1mm(1), AFFINE_1MM),
         mask_name("02"): (ball_2mm(2), AFFINE_2MM),
     }
-    bids = make_dataset(tmp_path / "bids", files)
-    write_image(bids / mask_name("03", space=None), ball_1mm(3), AFFINE_1MM, sidecar={"SpatialReference": SPACE})
-    write_image(bids / f"sub-04/anat/sub-04_acq-flair_run-2_space-{SPACE}_label-lesion_mask.nii.gz", ball_1mm(4), AFFINE_1MM)
-    write_image(bids / f"sub-04/anat/sub-04_acq-t1_space-{SPACE}_desc-lesion_mask.nii.gz", ball_1mm(5), AFFINE_1MM)
+    bids = write_bids_dataset(tmp_path / "bids", files)
+    save_mask(bids / mask_name("03", space=None), ball_1mm(3), AFFINE_1MM, sidecar={"SpatialReference": SPACE})
+    save_mask(bids / f"sub-04/anat/sub-04_acq-flair_run-2_space-{SPACE}_label-lesion_mask.nii.gz", ball_1mm(4), AFFINE_1MM)
+    save_mask(bids / f"sub-04/anat/sub-04_acq-t1_space-{SPACE}_desc-lesion_mask.nii.gz", ball_1mm(5), AFFINE_1MM)
     out = bids / "derivatives" / "lacuna"
     assert counts(participant(bids, out)) == (6, 6, 0, 0)
     assert lacuna(bids, out, "group").exit_code == 0

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_servers import FakeServer, md5
 
 from lacuna.core.errors import AuthenticationError, DownloadError
 from lacuna.core.atomic import atomic_write_text
@@ -17,94 +15,15 @@ from lacuna.io.download import download_file, part_path, redact_url
 
 SECRET = "s3cr3t-api-key-value"
 CONTENT = bytes(range(256)) * 4000  # ~1 MB
-
-
-class ScriptedServer:
-    """A local HTTP server serving one file; actions per request come from ``script``.
-
-    Actions: ``"ok"`` (honours Range), ``"ignore-range"`` (200 with the whole file),
-    ``"cut"`` (announces the full length, sends half, closes), ``"redirect:<url>"``,
-    or an HTTP status code as an int.
-    """
-
-    def __init__(self, content: bytes = CONTENT):
-        self.content = content
-        self.script: list = []
-        self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                server.requests.append({"path": self.path, "headers": dict(self.headers)})
-                action = server.script.pop(0) if server.script else "ok"
-                server.respond(self, action)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    def url(self, path: str = "/file.bin", host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-    def respond(self, handler: BaseHTTPRequestHandler, action) -> None:
-        content = self.content
-        if isinstance(action, int):
-            handler.send_response(action)
-            handler.send_header("Content-Length", "0")
-            handler.end_headers()
-            return
-        if action.startswith("redirect:"):
-            handler.send_response(302)
-            handler.send_header("Location", action.split(":", 1)[1])
-            handler.send_header("Content-Length", "0")
-            handler.end_headers()
-            return
-        start = 0
-        range_header = handler.headers.get("Range")
-        if range_header and action == "ok":
-            start = int(range_header.split("=")[1].rstrip("-"))
-            if start >= len(content):
-                handler.send_response(416)
-                handler.send_header("Content-Range", f"bytes */{len(content)}")
-                handler.send_header("Content-Length", "0")
-                handler.end_headers()
-                return
-            handler.send_response(206)
-            handler.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
-        else:
-            handler.send_response(200)
-        body = content[start:]
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        if action == "cut":
-            handler.wfile.write(body[: len(body) // 2])
-            handler.wfile.flush()
-            handler.close_connection = True
-            return
-        handler.wfile.write(body)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+FILE = "/file.bin"
 
 
 @pytest.fixture
 def server():
-    with ScriptedServer() as srv:
+    """A local server with one file, ``FILE``; failures are queued with ``fail``."""
+    with FakeServer() as srv:
+        srv.add_file(FILE, CONTENT)
         yield srv
-
-
-def md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
 
 
 # --------------------------------------------------------------------------------------
@@ -115,7 +34,7 @@ def md5(data: bytes) -> str:
 def test_download_with_progress_and_md5(server, tmp_path):
     seen = []
     dest = download_file(
-        server.url(),
+        server.url(FILE),
         tmp_path / "sub" / "file.bin",
         expected_md5=md5(CONTENT),
         expected_size=len(CONTENT),
@@ -132,8 +51,8 @@ def test_resume_sends_range_and_appends(server, tmp_path):
     dest = tmp_path / "file.bin"
     n = 12345
     part_path(dest).write_bytes(CONTENT[:n])
-    download_file(server.url(), dest, expected_md5=md5(CONTENT))
-    assert server.requests[0]["headers"]["Range"] == f"bytes={n}-"
+    download_file(server.url(FILE), dest, expected_md5=md5(CONTENT))
+    assert server.requests[0].headers["Range"] == f"bytes={n}-"
     assert dest.read_bytes() == CONTENT
     assert not part_path(dest).exists()
 
@@ -141,51 +60,51 @@ def test_resume_sends_range_and_appends(server, tmp_path):
 def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
     dest = tmp_path / "file.bin"
     part_path(dest).write_bytes(b"garbage that must be discarded")
-    server.script = ["ignore-range"]
-    download_file(server.url(), dest, expected_md5=md5(CONTENT))
+    server.fail(FILE, "ignore-range")
+    download_file(server.url(FILE), dest, expected_md5=md5(CONTENT))
     assert dest.read_bytes() == CONTENT
 
 
 def test_complete_part_answered_416_is_verified(server, tmp_path):
     dest = tmp_path / "file.bin"
     part_path(dest).write_bytes(CONTENT)
-    download_file(server.url(), dest, expected_md5=md5(CONTENT))
+    download_file(server.url(FILE), dest, expected_md5=md5(CONTENT))
     assert dest.read_bytes() == CONTENT
     assert len(server.requests) == 1
 
 
 def test_connection_cut_mid_file_is_resumed(server, tmp_path):
     dest = tmp_path / "file.bin"
-    server.script = ["cut", "ok"]
-    download_file(server.url(), dest, expected_md5=md5(CONTENT), backoff=0)
+    server.fail(FILE, "cut", "ok")
+    download_file(server.url(FILE), dest, expected_md5=md5(CONTENT), backoff=0)
     assert len(server.requests) == 2
-    assert "Range" not in server.requests[0]["headers"]
-    assert server.requests[1]["headers"]["Range"] == f"bytes={len(CONTENT) // 2}-"
+    assert "Range" not in server.requests[0].headers
+    assert server.requests[1].headers["Range"] == f"bytes={len(CONTENT) // 2}-"
     assert dest.read_bytes() == CONTENT
 
 
 def test_transient_500_is_retried(server, tmp_path, caplog):
-    server.script = [500, 503]
+    server.fail(FILE, 500, 503)
     with caplog.at_level(logging.DEBUG):
-        download_file(server.url(), tmp_path / "f", headers={"X-Api-Key": SECRET}, backoff=0)
+        download_file(server.url(FILE), tmp_path / "f", headers={"X-Api-Key": SECRET}, backoff=0)
     assert len(server.requests) == 3
-    assert all(r["headers"]["X-Api-Key"] == SECRET for r in server.requests)
+    assert all(r.headers["X-Api-Key"] == SECRET for r in server.requests)
     assert SECRET not in caplog.text
 
 
 def test_retries_exhausted_raise_download_error(server, tmp_path):
-    server.script = [500] * 10
+    server.fail(FILE, *[500] * 10)
     with pytest.raises(DownloadError, match="after 3 attempts"):
-        download_file(server.url(), tmp_path / "f", retries=2, backoff=0)
+        download_file(server.url(FILE), tmp_path / "f", retries=2, backoff=0)
     assert len(server.requests) == 3
     assert not (tmp_path / "f").exists()
 
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_refused_credentials_raise_authentication_error(server, tmp_path, status):
-    server.script = [status]
+    server.fail(FILE, status)
     with pytest.raises(AuthenticationError) as info:
-        download_file(server.url(), tmp_path / "f", headers={"Authorization": SECRET}, backoff=0)
+        download_file(server.url(FILE), tmp_path / "f", headers={"Authorization": SECRET}, backoff=0)
     message = str(info.value)
     assert SECRET not in message
     assert "refused the credentials" in message and "API key" in message
@@ -193,7 +112,6 @@ def test_refused_credentials_raise_authentication_error(server, tmp_path, status
 
 
 def test_404_is_not_retried_and_names_url(server, tmp_path):
-    server.script = [404]
     url = server.url("/missing.nii.gz") + "?token=" + SECRET
     with pytest.raises(DownloadError) as info:
         download_file(url, tmp_path / "f", backoff=0)
@@ -204,16 +122,16 @@ def test_404_is_not_retried_and_names_url(server, tmp_path):
 
 
 def test_other_client_error_is_not_retried(server, tmp_path):
-    server.script = [400]
+    server.fail(FILE, 400)
     with pytest.raises(DownloadError, match="HTTP 400"):
-        download_file(server.url(), tmp_path / "f", backoff=0)
+        download_file(server.url(FILE), tmp_path / "f", backoff=0)
     assert len(server.requests) == 1
 
 
 def test_md5_mismatch_deletes_file(server, tmp_path):
     dest = tmp_path / "file.bin"
     with pytest.raises(DownloadError) as info:
-        download_file(server.url(), dest, expected_md5="0" * 32)
+        download_file(server.url(FILE), dest, expected_md5="0" * 32)
     assert "0" * 32 in str(info.value) and md5(CONTENT) in str(info.value)
     assert not dest.exists() and not part_path(dest).exists()
 
@@ -221,23 +139,25 @@ def test_md5_mismatch_deletes_file(server, tmp_path):
 def test_size_mismatch_deletes_file(server, tmp_path):
     dest = tmp_path / "file.bin"
     with pytest.raises(DownloadError, match="expected 5"):
-        download_file(server.url(), dest, expected_size=5)
+        download_file(server.url(FILE), dest, expected_size=5)
     assert not dest.exists() and not part_path(dest).exists()
 
 
 def test_redirect_to_other_host_drops_caller_headers(server, tmp_path):
-    server.script = [f"redirect:{server.url('/real.bin', host='localhost')}"]
-    download_file(server.url(), tmp_path / "f", headers={"X-Api-Key": SECRET})
-    assert server.requests[0]["headers"]["X-Api-Key"] == SECRET
-    assert server.requests[1]["path"] == "/real.bin"
-    assert "X-Api-Key" not in server.requests[1]["headers"]
+    server.add_redirect(FILE, server.url("/real.bin", host="localhost"))
+    server.add_file("/real.bin", CONTENT)
+    download_file(server.url(FILE), tmp_path / "f", headers={"X-Api-Key": SECRET})
+    assert server.requests[0].headers["X-Api-Key"] == SECRET
+    assert server.requests[1].path == "/real.bin"
+    assert "X-Api-Key" not in server.requests[1].headers
     assert (tmp_path / "f").read_bytes() == CONTENT
 
 
 def test_same_host_redirect_keeps_headers(server, tmp_path):
-    server.script = [f"redirect:{server.url('/real.bin')}"]
-    download_file(server.url(), tmp_path / "f", headers={"X-Api-Key": SECRET})
-    assert server.requests[1]["headers"]["X-Api-Key"] == SECRET
+    server.add_redirect(FILE, server.url("/real.bin"))
+    server.add_file("/real.bin", CONTENT)
+    download_file(server.url(FILE), tmp_path / "f", headers={"X-Api-Key": SECRET})
+    assert server.requests[1].headers["X-Api-Key"] == SECRET
 
 
 def test_unreachable_server_raises_after_retries(tmp_path):

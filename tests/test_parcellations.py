@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import logging
 import multiprocessing
 import pickle
 import shutil
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from fake_servers import FolderServer
 
 from lacuna.assets import parcellations as pm
 from lacuna.assets import (
@@ -345,40 +343,9 @@ def test_scan_atlas_dir_templateflow_layout(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-class FileServer:
-    """Serve a folder on 127.0.0.1 and remember the requested paths."""
-
-    def __init__(self, folder: Path):
-        self.paths: list[str] = []
-        server = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                server.paths.append(self.path)
-                super().do_GET()
-
-        handler = functools.partial(Handler, directory=str(folder))
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @needs_atlases
 def test_download_from_mirror_then_cache(monkeypatch, data_dir, caplog):
-    with FileServer(ATLASES) as server:
+    with FolderServer(ATLASES) as server:
         monkeypatch.setenv(pm.ATLAS_URL_ENV, server.url + "/")
         with caplog.at_level(logging.INFO):
             parc = get_parcellation("TianSubcortex_3TS1")
@@ -407,7 +374,7 @@ def test_corrupt_download_leaves_nothing(monkeypatch, data_dir, tmp_path):
     mirror.mkdir()
     (mirror / f"{TIAN_S1}.nii.gz").write_bytes(b"<html>not found</html>")
     shutil.copy(ATLASES / f"{TIAN_S1}.txt", mirror)
-    with FileServer(mirror) as server:
+    with FolderServer(mirror) as server:
         monkeypatch.setenv(pm.ATLAS_URL_ENV, server.url)
         with pytest.raises(ParcellationError, match="TianSubcortex_3TS1") as info:
             get_parcellation("TianSubcortex_3TS1")
@@ -417,7 +384,7 @@ def test_corrupt_download_leaves_nothing(monkeypatch, data_dir, tmp_path):
 
 def test_missing_file_on_mirror_mentions_mirror_variable(monkeypatch, data_dir, tmp_path):
     (tmp_path / "empty").mkdir()
-    with FileServer(tmp_path / "empty") as server:
+    with FolderServer(tmp_path / "empty") as server:
         monkeypatch.setenv(pm.ATLAS_URL_ENV, server.url)
         with pytest.raises(ParcellationError, match=pm.ATLAS_URL_ENV):
             get_parcellation("Schaefer2018_100Parcels7Networks")
@@ -429,7 +396,7 @@ def test_default_source_tsv_labels_and_plain_nii(data_dir, tmp_path):
     upstream.mkdir()
     write_image(upstream / "toy.nii", label_volume())  # served uncompressed
     write_text(upstream / "toy_dseg.tsv", "index\tname\n1\ta\n2\tb\n3\tc\n")
-    with FileServer(upstream) as server:
+    with FolderServer(upstream) as server:
         entry = CatalogueEntry(
             name="Toy_3Regions",
             space="MNI152NLin6Asym",

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import write_itk_transform
 from nibabel.streamlines import Tractogram, TckFile
 from scipy.spatial import cKDTree
 
@@ -433,19 +434,6 @@ def test_probabilistic_atlas_is_skipped_with_a_note(small_tck, tmp_path):
     assert any("probabilistic" in note for note in out.provenance[-1].notes)
 
 
-def _write_itk_translation(path: Path, translation_lps) -> None:
-    import h5py
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as handle:
-        group = handle.create_group("TransformGroup")
-        group.create_group("0")["TransformType"] = np.array([b"CompositeTransform_double_3_3"])
-        node = group.create_group("1")
-        node["TransformType"] = np.array([b"AffineTransform_double_3_3"])
-        node["TransformParameters"] = np.concatenate([np.eye(3).ravel(), translation_lps])
-        node["TransformFixedParameters"] = np.zeros(3)
-
-
 def test_parcellation_in_the_other_space_moves_the_endpoints(small_tck, shared_atlases, tmp_path, isolated_data_dir):
     pytest.importorskip("nitransforms")
     path, _ = small_tck
@@ -461,7 +449,9 @@ def test_parcellation_in_the_other_space_moves_the_endpoints(small_tck, shared_a
     shutil.copy(shared_atlases / SCHAEFER_FILE.replace(".nii.gz", ".txt"), atlas_dir / f"{stem}.txt")
     # tpl-6Asym_from-2009c maps 6Asym points to 2009c points (ITK, LPS).
     xfm = isolated_data_dir / "templateflow" / f"tpl-{SPACE}" / f"tpl-{SPACE}_from-MNI152NLin2009cAsym_mode-image_xfm.h5"
-    _write_itk_translation(xfm, shift * [-1, -1, 1])
+    translation = np.eye(4)
+    translation[:3, 3] = shift * [-1, -1, 1]
+    write_itk_transform(xfm, translation)
     lesion = subject(sphere_mask((-24, -14, 20), 12))
     moved = StructuralNetworkMapping(path, parcellations=["Shifted_100"], space=SPACE, atlas_dir=atlas_dir).run(lesion)
     plain = StructuralNetworkMapping(path, parcellations=[SCHAEFER], space=SPACE, atlas_dir=shared_atlases).run(lesion)

@@ -21,7 +21,6 @@ run with the normal test command.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
@@ -29,14 +28,14 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_itk_transform
+from fake_servers import FolderServer
 
 from lacuna._version import __version__
 
@@ -117,20 +116,6 @@ def _podman(*args, check=True, timeout=1200, **kwargs) -> subprocess.CompletedPr
     return result
 
 
-def _write_identity_transform(path: Path) -> None:
-    """An ITK composite transform (HDF5, as TemplateFlow's) holding an identity affine."""
-    import h5py
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as handle:
-        group = handle.create_group("TransformGroup")
-        group.create_group("0")["TransformType"] = np.array([b"CompositeTransform_double_3_3"])
-        node = group.create_group("1")
-        node["TransformType"] = np.array([b"AffineTransform_double_3_3"])
-        node["TransformParameters"] = np.concatenate([np.eye(3).ravel(), np.zeros(3)])
-        node["TransformFixedParameters"] = np.zeros(3)
-
-
 @pytest.fixture(scope="module")
 def podman():
     if shutil.which("podman") is None:
@@ -152,17 +137,10 @@ def mirror(tmp_path_factory):
         from lacuna.assets.templates import transform_file_name
 
         for source, target in ((SPACE, "MNI152NLin2009cAsym"), ("MNI152NLin2009cAsym", SPACE)):
-            _write_identity_transform(root / f"tpl-{target}" / transform_file_name(source, target))
+            write_itk_transform(root / f"tpl-{target}" / transform_file_name(source, target), np.eye(4))
 
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with FolderServer(root) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
