@@ -282,12 +282,11 @@ def test_rejects_2009c_grid_off_by_half_voxel(tmp_path):
     _rejects(path)
 
 
-def test_rejects_unknown_space_entity(tmp_path):
-    path = write(
-        tmp_path / "sub-01_space-Talairach_label-lesion_mask.nii.gz",
-        box_mask(spec_shape(NLIN6, 2)),
-        spec_affine(NLIN6, 2),
-    )
+@pytest.mark.parametrize(
+    "name", ["sub-01_space-Talairach_label-lesion_mask.nii.gz", "sub-01_label-lesion_mask.nii.gz"], ids=["unknown", "none"]
+)
+def test_rejects_unknown_or_missing_space_entity(tmp_path, name):
+    path = write(tmp_path / name, box_mask(spec_shape(NLIN6, 2)), spec_affine(NLIN6, 2))
     exc_info = _rejects(path)
     assert isinstance(exc_info.value, SpaceError)
 
@@ -295,16 +294,6 @@ def test_rejects_unknown_space_entity(tmp_path):
 def test_rejects_unknown_space_argument(tmp_path):
     path = write(tmp_path / NAME_6_2, box_mask(spec_shape(NLIN6, 2)), spec_affine(NLIN6, 2))
     exc_info = _rejects(path, space="MNI305")
-    assert isinstance(exc_info.value, SpaceError)
-
-
-def test_rejects_no_space(tmp_path):
-    path = write(
-        tmp_path / "sub-01_label-lesion_mask.nii.gz",
-        box_mask(spec_shape(NLIN6, 2)),
-        spec_affine(NLIN6, 2),
-    )
-    exc_info = _rejects(path)
     assert isinstance(exc_info.value, SpaceError)
 
 

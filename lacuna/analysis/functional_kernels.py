@@ -418,11 +418,12 @@ def step_up_adjust(p, sorted_keys, shift, out):
         out[index] = running
 
 
-def prepare() -> None:
+def prepare(stored_dtypes) -> None:
     """Compile every kernel (or load it from numba's cache) for the argument types the
-    engine passes, so that a pass does not stall on it midway. Loading takes a few
-    tenths of a second per process; compiling, a few seconds the first time."""
-    for dtype in (np.uint16, np.float32):
+    engine passes with connectomes stored as ``stored_dtypes`` (float16 and/or float32),
+    so that a pass does not stall on it midway. Loading takes a few hundredths of a
+    second per process; compiling, a few seconds the first time."""
+    for dtype in {np.dtype(np.uint16) if np.dtype(d) == np.float16 else np.dtype(d) for d in stored_dtypes}:
         timeseries = np.zeros((4, 16), dtype=dtype)
         timeseries.flags.writeable = False  # subjects are handed over read-only
         columns = np.arange(2, dtype=np.int64)

@@ -153,7 +153,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
         self.memory_budget = int(memory_budget_gb * 1024**3) if memory_budget_gb else default_memory_budget()
         self.return_in_input_space = return_in_input_space
         self.last_timing: list[PassTiming] = []
-        kernels.prepare()
+        kernels.prepare({f.dtype for f in self.connectome.files})
 
     @property
     def connectome_label(self) -> str:
