@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 from scipy import special, stats
 
 from lacuna.analysis import functional_kernels as kernels
+from lacuna.analysis.functional_engine import R_MAX
 from lacuna.analysis.t_statistics import benjamini_hochberg, two_sided_p
 
 
@@ -26,59 +28,76 @@ def _reference_r(data: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     return seeds.astype(np.float64) @ normalised
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_both_correlation_kernels_match_numpy(dtype):
-    rng = np.random.default_rng(0)
-    n_timepoints, n_voxels, start, width = 50, 700, 100, 512
-    data = (rng.standard_normal((n_timepoints, n_voxels)) * 4 + 900).astype(dtype)
-    data[:, start + 3] = 12.0  # constant column
-    data[7, start + 5] = np.nan
-    seeds = rng.standard_normal((6, n_timepoints))
+def _unit_seeds(rng, n_lesions: int, n_timepoints: int) -> np.ndarray:
+    seeds = rng.standard_normal((n_lesions, n_timepoints))
     seeds -= seeds.mean(axis=1, keepdims=True)
-    seeds = (seeds / np.linalg.norm(seeds, axis=1, keepdims=True)).astype(np.float32)
-    stored = data.view(np.uint16) if dtype == np.float16 else data
-    expected = _reference_r(data[:, start : start + width], seeds)
-
-    products = np.empty((6, width), dtype=np.float32)
-    inverse_norms = np.empty(width, dtype=np.float32)
-    kernels.correlate_block(stored, start, seeds, products, inverse_norms)
-    centred = np.empty((n_timepoints, width), dtype=np.float32)
-    inverse_norms_2 = np.empty(width, dtype=np.float32)
-    kernels.centre_block(stored, start, centred, inverse_norms_2)
-    products_2 = seeds @ centred
-
-    valid = np.ones(width, dtype=bool)
-    valid[[3, 5]] = False
-    for values, norms in ((products, inverse_norms), (products_2, inverse_norms_2)):
-        np.testing.assert_array_equal(norms != 0, valid)
-        r = values[:, valid] * norms[valid]
-        np.testing.assert_allclose(r, expected[:, valid], atol=2e-6)
+    return (seeds / np.linalg.norm(seeds, axis=1, keepdims=True)).astype(np.float32)
 
 
-def test_accumulate_folds_valid_pairs_around_the_first_subject():
-    rng = np.random.default_rng(2)
-    n_lesions, width = 3, 40
-    valid_seeds = np.array([True, False, True])
-    valid_voxels = np.ones(width, dtype=np.float32)
-    valid_voxels[7] = 0
-    shift = np.zeros((n_lesions, width), dtype=np.float32)
-    sums = np.zeros((n_lesions, width), dtype=np.float32)
-    squares = np.zeros((n_lesions, width), dtype=np.float32)
-    z = rng.normal(size=(3, n_lesions, width)).astype(np.float32)
-    for subject in range(3):
-        kernels.accumulate(z[subject].copy(), valid_voxels, valid_seeds, subject == 0, shift, sums, squares)
-    counted = valid_seeds[:, None] & (valid_voxels != 0)
-    d = np.where(counted, z.astype(np.float64) - np.where(valid_voxels != 0, z[0], 0), 0)
-    np.testing.assert_allclose(sums, d.sum(axis=0), atol=1e-5)
-    np.testing.assert_allclose(squares, (d**2).sum(axis=0), atol=1e-5)
-    assert np.all(sums[1] == 0) and np.all(squares[:, 7] == 0)
+def _map_group(stored: list, seeds: np.ndarray, valid_seeds: np.ndarray, start: int, stop: int, part_width: int, totals=None):
+    """Run map_group over one group; returns the totals and the invalid voxels."""
+    n_subjects, n_lesions, n_timepoints = seeds.shape
+    n_voxels = stored[0].shape[1]
+    first = totals is None
+    if first:
+        totals = (np.zeros((n_lesions, n_voxels), np.float32), np.zeros((n_lesions, n_voxels)), np.zeros((n_lesions, n_voxels)))
+    invalid = np.empty((n_subjects, stop - start), dtype=bool)
+    subjects = numba.typed.List()
+    for timeseries in stored:
+        view = timeseries.view()
+        view.flags.writeable = False
+        subjects.append(view)
+    workspace = kernels.new_workspace(n_timepoints, n_lesions, part_width)
+    kernels.map_group(subjects, seeds, valid_seeds, start, stop, first, np.float32(R_MAX), kernels.sgemm_address(), totals, workspace, invalid)
+    return totals, invalid
 
 
-def test_scale_and_clip_gives_clipped_r():
-    products = np.array([[0.5, 3.0, -3.0, 0.2]], dtype=np.float32)
-    norms = np.array([1.0, 1.0, 1.0, 0.0], dtype=np.float32)
-    kernels.scale_and_clip(products, norms, np.float32(0.99))
-    np.testing.assert_array_equal(products, np.float32([[0.5, 0.99, -0.99, 0.0]]))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("n_lesions", [2, 7])  # one-pass products; centring and sgemm
+def test_map_group_sums_match_numpy(dtype, n_lesions):
+    rng = np.random.default_rng(0)
+    n_subjects, n_timepoints, n_voxels, start, stop = 5, 50, 700, 100, 650
+    data = (rng.standard_normal((n_subjects, n_timepoints, n_voxels)) * 4 + 900).astype(dtype)
+    data[:, :, 103] = 12.0  # constant column
+    data[2, 7, 105] = np.nan  # invalid in one subject
+    seeds = np.stack([_unit_seeds(rng, n_lesions, n_timepoints) for _ in range(n_subjects)])
+    valid_seeds = np.ones((n_subjects, n_lesions), dtype=bool)
+    valid_seeds[3, 1] = False
+    seeds[3, 1] = 0.0
+    stored = [d.view(np.uint16) if dtype == np.float16 else d for d in data]
+
+    # Two groups (first sets the shift), parts that do not divide the voxel range.
+    totals, invalid_1 = _map_group(stored[:2], seeds[:2], valid_seeds[:2], start, stop, part_width=96)
+    totals, invalid_2 = _map_group(stored[2:], seeds[2:], valid_seeds[2:], start, stop, part_width=96, totals=totals)
+
+    r = np.stack([_reference_r(d[:, start:stop], s) for d, s in zip(data, seeds)])
+    valid_voxels = np.isfinite(r).all(axis=1)  # (subjects, voxels)
+    np.testing.assert_array_equal(np.concatenate([invalid_1, invalid_2]), ~valid_voxels)
+    z = np.arctanh(np.clip(np.nan_to_num(r), -R_MAX, R_MAX))
+    counted = valid_seeds[:, :, None] & valid_voxels[:, None, :]
+    shift = np.where(counted[0], z[0], 0.0)
+    d = np.where(counted, z - shift, 0.0)
+    shift_total, sum_dz, sum_dz2 = totals
+    np.testing.assert_allclose(shift_total[:, start:stop], shift, atol=2e-6)
+    np.testing.assert_allclose(sum_dz[:, start:stop], d.sum(axis=0), atol=1e-5)
+    np.testing.assert_allclose(sum_dz2[:, start:stop], (d**2).sum(axis=0), atol=1e-5)
+    outside = np.r_[0:start, stop:n_voxels]
+    assert not sum_dz[:, outside].any() and not shift_total[:, outside].any()
+
+
+def test_fisher_z_matches_arctanh():
+    values = np.concatenate(
+        [
+            np.linspace(-R_MAX, R_MAX, 200_001),
+            np.float32([R_MAX, -R_MAX, 0.0, -0.0]),
+            np.logspace(-30, -0.01, 5000),
+            -np.logspace(-30, -0.01, 5000),
+        ]
+    ).astype(np.float32)
+    out = np.empty_like(values)
+    kernels.fisher_z_array(values, out)
+    exact = np.arctanh(values.astype(np.float64))
+    np.testing.assert_allclose(out, exact, rtol=6e-7, atol=0)
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 7, 29, 99, 999, 5000, 100_000])

@@ -4,18 +4,21 @@ One pass over the connectome serves a whole chunk of lesions. A background threa
 (or reads) the connectome subjects and forms every lesion's seed for each of them: the
 weighted mean of its voxels' centred timeseries, normalised (T x L). Subjects are then
 taken in groups of :func:`group_size`; the brain is cut into voxel blocks spread over
-threads, and for each block and each subject of the group:
+threads, and each block is mapped for the whole group by one compiled call
+(:func:`~lacuna.analysis.functional_kernels.map_group`), which works through the block
+in parts small enough to stay in the L2 cache. For each part and each subject of the
+group:
 
-1. the voxel timeseries are widened to float32 and centred, and their norms taken
-   (:func:`~lacuna.analysis.functional_kernels.centre_block`), while in cache;
-2. one float32 matrix product ``seeds.T @ block`` gives all lesions' products with the
-   voxels (for a few lesions, one pass over the stored values gives them instead);
+1. the voxel timeseries are widened to float32 and centred, and their norms taken, in
+   one pass over the stored values;
+2. one float32 BLAS product gives all lesions' products with the voxels (for a few
+   lesions, step 1 forms them directly instead);
 3. each product is scaled to Pearson r, clipped to +-:data:`R_MAX` and turned into
-   Fisher z (numpy's vectorised arctanh), and ``z - shift`` and its square are added to
-   the block's float32 partial sums.
+   Fisher z, and ``z - shift`` and its square are added to the part's float32 partial
+   sums, in one pass.
 
 After the group, the partial sums are folded into float64 running sums. Grouping lets a
-block's sums stay in cache across the group's subjects instead of travelling to and from
+part's sums stay in cache across the group's subjects instead of travelling to and from
 memory once per subject.
 
 Nothing of size (subjects x voxels) is ever held; memory is the running sums and shift
@@ -37,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 
@@ -55,9 +59,12 @@ R_MAX = 1.0 - 2.0**-20
 MAX_GROUP = 8
 
 #: Up to this many lesions per pass, correlations are formed in one pass over the stored
-#: values (:func:`~lacuna.analysis.functional_kernels.correlate_block`); beyond, by
-#: centring each block and one float32 matrix product.
-DIRECT_MAX_LESIONS = 4
+#: values; beyond, by centring and one float32 matrix product.
+DIRECT_MAX_LESIONS = kernels.DIRECT_MAX_LESIONS
+
+#: Bytes of a part's working set (centred timeseries, products, shift and partial sums):
+#: about a core's L2 cache on current x86 servers (1-2 MiB; measured best of 0.25-2 MiB).
+PART_BYTES = 1 << 20
 
 _LIMIT = np.float32(R_MAX)
 
@@ -68,15 +75,21 @@ def worker_threads() -> int:
     return max(1, int(value)) if value else max(1, len(os.sched_getaffinity(0)))
 
 
-def block_size(n_lesions: int, n_timepoints: int) -> int:
-    """Voxels per block: a block's working set (centred timeseries, correlations, shift
-    and partial sums) stays within about 4 MiB, a core's L2 cache and a share of L3
-    (measured best: smaller blocks spend more time in Python between the kernels).
-    The one-pass kernel works through its blocks in L1-sized parts itself."""
+def part_width(n_lesions: int, n_timepoints: int) -> int:
+    """Voxels per part of a block: :data:`PART_BYTES` of working set, a multiple of 16
+    (one AVX-512 register of float32), at most
+    :data:`~lacuna.analysis.functional_kernels.DIRECT_PART` for the one-pass way."""
     if n_lesions <= DIRECT_MAX_LESIONS:
-        return 8192
-    per_voxel = 4 * (n_timepoints + 4 * n_lesions)
-    return int(np.clip((4 << 20) // per_voxel // 64 * 64, 256, 8192))
+        return kernels.DIRECT_PART
+    per_voxel = 4 * (n_timepoints + 4 * n_lesions + 4)
+    return int(np.clip(PART_BYTES // per_voxel // 16 * 16, 16, 1024))
+
+
+def block_width(n_voxels: int, part: int, threads: int) -> int:
+    """Voxels per block (a whole number of parts): about eight blocks per thread, so
+    that the threads finish a group together."""
+    parts = -(-n_voxels // part)
+    return part * max(1, -(-parts // (8 * threads)))
 
 
 def group_size(subject_bytes: int, memory_bytes: int) -> int:
@@ -212,78 +225,73 @@ def normalise_columns(data: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _Subject:
-    """One connectome subject of a group, as the block workers need it."""
+class _Group:
+    """Subjects mapped together, as :func:`~lacuna.analysis.functional_kernels.map_group`
+    takes them."""
 
-    timeseries: np.ndarray  # (T, V) float32, or uint16 holding float16 bits
-    seeds: np.ndarray  # (L, T) float32
-    valid_seeds: np.ndarray  # (L,) bool
+    timeseries: numba.typed.List  # of (T, V) float32, or uint16 holding float16 bits
+    seeds: np.ndarray  # (G, L, T) float32
+    valid_seeds: np.ndarray  # (G, L) bool
+    first: bool  # the first group: its first subject sets the shift
+
+    @classmethod
+    def of(cls, subjects: list, first: bool) -> "_Group":
+        """A group from ``(timeseries, (seeds, invalid seeds))`` pairs."""
+        return cls(
+            numba.typed.List([_stored(timeseries) for timeseries, _ in subjects]),
+            np.stack([seeds for _, (seeds, _) in subjects]),
+            ~np.stack([invalid for _, (_, invalid) in subjects]),
+            first,
+        )
+
+    def __len__(self) -> int:
+        return len(self.timeseries)
 
 
-class _BlockWorker:
+class _BlockMapper:
     """Maps one voxel block for every subject of a group; buffers are per thread."""
 
     def __init__(self, sums: FisherZSums, n_timepoints: int):
-        self.sums = sums
+        self.totals = (sums.shift, sums.sum_dz, sums.sum_dz2)
         self.n_timepoints = n_timepoints
         self.n_lesions = sums.shift.shape[0]
+        self.part_width = part_width(self.n_lesions, n_timepoints)
+        self.sgemm = kernels.sgemm_address()
         self.local = threading.local()
 
-    def _buffers(self, width: int) -> tuple[np.ndarray, ...]:
-        """This thread's contiguous buffers for blocks of ``width`` voxels (there are
-        two widths: the blocks', and the last block's)."""
-        buffers = getattr(self.local, "buffers", None)
-        if buffers is None:
-            buffers = self.local.buffers = {}
-        if width not in buffers:
-            shape = (self.n_lesions, width)
-            buffers[width] = (
-                np.empty((self.n_timepoints, width), dtype=np.float32),
-                np.empty(width, dtype=np.float32),
-                *(np.empty(shape, dtype=np.float32) for _ in range(4)),
-            )
-        return buffers[width]
-
-    def products(self, subject: _Subject, start: int, centred, inverse_norms, products) -> None:
-        """Products of every seed with the block's centred voxels, and the voxels'
-        inverse norms (Pearson r = product * inverse norm)."""
-        if self.n_lesions <= DIRECT_MAX_LESIONS:
-            kernels.correlate_block(subject.timeseries, start, subject.seeds, products, inverse_norms)
-            return
-        kernels.centre_block(subject.timeseries, start, centred, inverse_norms)
-        np.matmul(subject.seeds, centred, out=products)
-
-    def __call__(self, group: list[_Subject], block: slice) -> np.ndarray:
+    def __call__(self, group: _Group, block: slice) -> np.ndarray:
         """Fold the group's Fisher z for ``block`` into the sums; returns the invalid
         voxels of the block per subject (len(group) x width bool)."""
-        width = block.stop - block.start
-        centred, inverse_norms, products, shift, sum_dz, sum_dz2 = self._buffers(width)
-        sum_dz.fill(0.0)
-        sum_dz2.fill(0.0)
-        first_group = self.sums.n_subjects == 0
-        if not first_group:
-            shift[...] = self.sums.shift[:, block]
-        invalid = np.empty((len(group), width), dtype=bool)
-        for index, subject in enumerate(group):
-            self.products(subject, block.start, centred, inverse_norms, products)
-            kernels.scale_and_clip(products, inverse_norms, _LIMIT)
-            z = np.arctanh(products, out=products)
-            set_shift = first_group and index == 0
-            kernels.accumulate(z, inverse_norms, subject.valid_seeds, set_shift, shift, sum_dz, sum_dz2)
-            if set_shift:
-                self.sums.shift[:, block] = shift
-            np.equal(inverse_norms, 0, out=invalid[index])
-        kernels.fold(sum_dz, self.sums.sum_dz, block.start)
-        kernels.fold(sum_dz2, self.sums.sum_dz2, block.start)
+        workspace = getattr(self.local, "workspace", None)
+        if workspace is None:
+            workspace = self.local.workspace = kernels.new_workspace(self.n_timepoints, self.n_lesions, self.part_width)
+        invalid = np.empty((len(group), block.stop - block.start), dtype=bool)
+        kernels.map_group(
+            group.timeseries,
+            group.seeds,
+            group.valid_seeds,
+            block.start,
+            block.stop,
+            group.first,
+            _LIMIT,
+            self.sgemm,
+            self.totals,
+            workspace,
+            invalid,
+        )
         return invalid
 
 
 def _groups(items: Iterator, size: int) -> Iterator[list]:
-    """Consecutive groups of ``items``: 1, 2, 4, ... up to ``size`` items, so that the
-    work starts as soon as the first subject is read."""
+    """Consecutive groups of ``items`` (``(timeseries, prepared)`` pairs): 1, 2, 4, ...
+    up to ``size`` items, so that the work starts as soon as the first subject is read;
+    a group never mixes stored types."""
     group: list = []
     target = 1
     for item in items:
+        if group and item[0].dtype != group[0][0].dtype:
+            yield group
+            group = []
         group.append(item)
         if len(group) == target:
             yield group
@@ -316,24 +324,25 @@ def stream_fisher_z(
     n_timepoints = connectome.files[0].n_timepoints
     sums = FisherZSums.zeros(n_lesions, n_voxels)
     timing = PassTiming()
-    width = block_size(n_lesions, n_timepoints)
+    mapper = _BlockMapper(sums, n_timepoints)
+    threads = worker_threads()
+    width = block_width(n_voxels, mapper.part_width, threads)
     blocks = [slice(start, min(start + width, n_voxels)) for start in range(0, n_voxels, width)]
     size = group_size(n_timepoints * n_voxels * max(f.dtype.itemsize for f in connectome.files), memory_bytes)
-    worker = _BlockWorker(sums, n_timepoints)
     started = time.perf_counter()
     subjects = connectome.iter_subjects(prefetch=max(size, 2), prepare=seeds.seeds, hold=size)
     # Threads share the cores; BLAS must not spawn its own threads inside each of them.
-    with ThreadPoolExecutor(max_workers=worker_threads()) as pool, threadpool_limits(1, user_api="blas"):
+    with ThreadPoolExecutor(max_workers=threads) as pool, threadpool_limits(1, user_api="blas"):
         waited = time.perf_counter()
-        for group in _groups(subjects, size):
+        for members in _groups(subjects, size):
             timing.waiting_for_data += time.perf_counter() - waited
-            members = [_as_subject(timeseries, seeds_t, invalid) for timeseries, (seeds_t, invalid) in group]
-            invalid_voxels = np.concatenate(list(pool.map(worker, [members] * len(blocks), blocks)), axis=1)
-            for member, invalid in zip(members, invalid_voxels):
-                sums.count_left_out(~member.valid_seeds, invalid)
+            group = _Group.of(members, first=sums.n_subjects == 0)
+            invalid_voxels = np.concatenate(list(pool.map(mapper, [group] * len(blocks), blocks)), axis=1)
+            for valid_seeds, invalid in zip(group.valid_seeds, invalid_voxels):
+                sums.count_left_out(~valid_seeds, invalid)
                 sums.n_subjects += 1
-                timing.bytes_read += member.timeseries.nbytes
                 timing.flops += 2.0 * n_timepoints * n_lesions * n_voxels
+            timing.bytes_read += sum(timeseries.nbytes for timeseries, _ in members)
             del group, members  # release the subjects (and their file mappings)
             if progress:
                 progress(sums.n_subjects, connectome.n_subjects, time.perf_counter() - started)
@@ -342,13 +351,11 @@ def stream_fisher_z(
     return sums, timing
 
 
-def _as_subject(timeseries: np.ndarray, seeds_t: np.ndarray, invalid_seeds: np.ndarray) -> _Subject:
-    return _Subject(_stored(timeseries), seeds_t, ~invalid_seeds)
-
-
 def _stored(timeseries: np.ndarray) -> np.ndarray:
     """The array the kernels take: float32 as is, float16 as its bits (uint16)."""
-    return timeseries.view(np.uint16) if timeseries.dtype == np.float16 else timeseries
+    stored = timeseries.view(np.uint16) if timeseries.dtype == np.float16 else timeseries.view()
+    stored.flags.writeable = False  # one compiled type for every subject
+    return stored
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import get_cython_function_address, intrinsic, overload
 
 
 def _compile(function):
@@ -137,80 +137,147 @@ def weighted_sums(timeseries, columns, owners, weights, out):
                 out[t0 + dt, owner] += weight * np.float64(value)
 
 
+@intrinsic
+def _binary_exponent(typingctx, value):
+    """k such that ``value / 2**k`` lies in [sqrt(1/2), sqrt(2)), as float32, for a
+    positive normal float32 ``value`` (integer operations on its bits, which
+    vectorise)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.sitofp(_split_float(builder, args[0])[0], ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
+@intrinsic
+def _reduced_mantissa(typingctx, value):
+    """``value / 2**k``, in [sqrt(1/2), sqrt(2)), with k from :func:`_binary_exponent`."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _split_float(builder, args[0])[1]
+
+    return types.float32(types.float32), codegen
+
+
+_SQRT_HALF_BITS = int(np.float32(math.sqrt(0.5)).view(np.int32))
+
+
+def _split_float(builder, value):
+    """LLVM IR: (k, value / 2**k) with value / 2**k in [sqrt(1/2), sqrt(2)): the
+    exponent is read from the bits of value relative to those of sqrt(1/2)."""
+    int32 = ir.IntType(32)
+    bits = builder.bitcast(value, int32)
+    exponent = builder.ashr(builder.sub(bits, ir.Constant(int32, _SQRT_HALF_BITS)), ir.Constant(int32, 23))
+    mantissa = builder.sub(bits, builder.shl(exponent, ir.Constant(int32, 23)))
+    return exponent, builder.bitcast(mantissa, ir.FloatType())
+
+
+#: log(1 + f) = f - f**2 / 2 + f**3 * (c0 + c1 f + ... + c7 f**7) for sqrt(1/2) <= 1 + f
+#: < sqrt(2): a least-squares fit, reweighted to even out the relative error (1.6e-8,
+#: below float32's resolution).
+_LOG1P_COEFFICIENTS = tuple(
+    np.float32(c)
+    for c in (
+        0.3333330632652664,
+        -0.25000642340924584,
+        0.20002968592664547,
+        -0.16630725277717756,
+        0.14171008033231486,
+        -0.13059744821070482,
+        0.1291822212825885,
+        -0.08083622213375968,
+    )
+)
+_LN2 = np.float32(math.log(2.0))
+_ONE = np.float32(1.0)
+_HALF = np.float32(0.5)
+
+
+@numba.njit(inline="always", error_model="numpy")
+def fisher_z(r):
+    """arctanh(r) of a float32 r with |r| < 1, as 0.5 log((1 + r) / (1 - r)), in a form
+    that vectorises (no call to libm): within 5e-7 relative of the exact value. For
+    |r| < 0.17 the logarithm is taken of 1 + u with u = 2r / (1 - r) given directly,
+    so small r keep their relative precision."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = _LOG1P_COEFFICIENTS
+    inverse = _ONE / (_ONE - r)
+    quotient = (_ONE + r) * inverse
+    exponent = _binary_exponent(quotient)
+    f = _reduced_mantissa(quotient) - _ONE if exponent != 0 else (r + r) * inverse
+    f2 = f * f
+    tail = ((((((c7 * f + c6) * f + c5) * f + c4) * f + c3) * f + c2) * f + c1) * f + c0
+    return _HALF * (exponent * _LN2 + (f - _HALF * f2 + f2 * f * tail))
+
+
 @_compile
-def centre_block(timeseries, start, centred, inverse_norms):
-    """Centre the voxel columns ``start : start + width`` of one subject.
+def fisher_z_array(r, out):
+    """:func:`fisher_z` of every element of the float32 ``r`` into ``out``."""
+    for i in range(r.size):
+        out[i] = fisher_z(r[i])
 
-    Parameters
-    ----------
-    timeseries : ndarray (T, V), float32, or uint16 holding float16 bits
-        One subject's stored timeseries.
-    start : int
-        First voxel of the block.
-    centred : ndarray (T, width) float32
-        Receives the centred columns (zero for invalid voxels).
-    inverse_norms : ndarray (width,) float32
-        Receives 1 / norm of each centred column, or 0 for an invalid voxel (constant,
-        or holding a non-finite value).
 
-    Notes
-    -----
-    The mean is taken of differences from the first timepoint, so that a constant
-    column gives exactly zero whatever its value.
+@_compile
+def _centre_part(timeseries, start, width, centred, inverse_norms, means):
+    """One pass over the voxel columns ``start : start + width`` of one subject.
+
+    ``centred[t, j]`` receives d = x[t] - x[0] (row 0 is zero), ``means[j]`` the mean
+    of d and ``inverse_norms[j]`` 1 / the norm of the centred column, or 0 where the
+    voxel is invalid (constant, or holding a non-finite value). The product of a
+    centred seed s with the centred column is then ``s . d - means[j] * sum(s)``.
+    Differences from x[0] keep float32 sums exact enough whatever the offset of the
+    raw values, and make a constant column exactly zero.
     """
-    n_timepoints, width = centred.shape
-    first = centred[0]
+    n_timepoints = centred.shape[0]
+    first = centred[0, :width]
     _load_row(timeseries[0, start : start + width], first)
     sums = np.zeros(width, dtype=np.float32)
+    squares = np.zeros(width, dtype=np.float32)
     for t in range(1, n_timepoints):
         _prefetch_row(timeseries, t + _ROWS_AHEAD, start, width)
-        row = centred[t]
-        _load_row(timeseries[t, start : start + width], row)
+        source = timeseries[t, start : start + width]
+        row = centred[t, :width]
         for j in range(width):
-            sums[j] += row[j] - first[j]
-    means = np.empty(width, dtype=np.float32)
-    for j in range(width):
-        means[j] = first[j] + sums[j] / np.float32(n_timepoints)
-    squares = np.zeros(width, dtype=np.float32)
-    for t in range(n_timepoints):
-        row = centred[t]
-        for j in range(width):
-            value = row[j] - means[j]
-            row[j] = value
-            squares[j] += value * value
-    if _inverse_norms(squares, inverse_norms):
-        for t in range(n_timepoints):
-            row = centred[t]
-            for j in range(width):
-                if inverse_norms[j] == 0:
-                    row[j] = 0.0
+            d = _stored_value(source, j) - first[j]
+            row[j] = d
+            sums[j] += d
+            squares[j] += d * d
+    first[:] = 0.0
+    _finish_norms(sums, squares, n_timepoints, inverse_norms, means)
 
 
 @_compile
-def _inverse_norms(squares, inverse_norms):
-    """``1 / sqrt(squares)``, or 0 for invalid columns (zero or non-finite sums of
-    squares); returns the number of invalid columns."""
-    n_invalid = 0
-    for j in range(squares.size):
+def _finish_norms(sums, squares, n_timepoints, inverse_norms, means):
+    """Means and inverse centred norms from the sums of d and d**2 over timepoints."""
+    width = sums.size
+    for j in range(width):
+        mean = sums[j] / np.float32(n_timepoints)
+        squares[j] -= sums[j] * mean
+        means[j] = mean
+    for j in range(width):
         valid = squares[j] > 0 and squares[j] < np.inf
         inverse_norms[j] = np.float32(1.0 / math.sqrt(squares[j])) if valid else np.float32(0.0)
-        n_invalid += not valid
-    return n_invalid
 
 
 @_compile
-def _correlate_columns(timeseries, start, seeds, products, inverse_norms):
-    """:func:`correlate_block` for at most :data:`_DIRECT_COLUMNS` columns, whose
-    running sums then stay in the L1 cache."""
-    n_lesions, width = products.shape
-    n_timepoints = seeds.shape[1]
-    first = np.empty(width, dtype=np.float32)
-    row = np.empty(width, dtype=np.float32)
+def _correlate_part(timeseries, start, width, seeds, products, inverse_norms, means, first, row):
+    """For a few seeds: ``products[l, j] = seeds[l] . d`` with d as in
+    :func:`_centre_part`, with the means and inverse norms, in one pass over the stored
+    values (no centred copy, no matrix product): where the pass over memory is the
+    whole cost. ``width`` is at most :data:`DIRECT_PART`, so that the running sums stay
+    in the L1 cache; ``first`` and ``row`` are float32 scratch of that size."""
+    n_lesions, n_timepoints = seeds.shape
+    first = first[:width]
+    row = row[:width]
     sums = np.zeros(width, dtype=np.float32)
     squares = np.zeros(width, dtype=np.float32)
-    products[:] = 0.0
+    for lesion in range(n_lesions):
+        products[lesion, :width] = 0.0
     _load_row(timeseries[0, start : start + width], first)
-    first_products = products[0]
+    first_products = products[0, :width]
     for t in range(1, n_timepoints):
         _prefetch_row(timeseries, t + _ROWS_AHEAD, start, width)
         source = timeseries[t, start : start + width]
@@ -230,118 +297,157 @@ def _correlate_columns(timeseries, start, seeds, products, inverse_norms):
             first_products[j] += weight * d
         for lesion in range(1, n_lesions):
             weight = seeds[lesion, t]
-            target = products[lesion]
+            target = products[lesion, :width]
             for j in range(width):
                 target[j] += weight * row[j]
-    for j in range(width):
-        mean = sums[j] / np.float32(n_timepoints)
-        squares[j] -= sums[j] * mean
-        sums[j] = mean
-    _inverse_norms(squares, inverse_norms)
-    for lesion in range(n_lesions):
-        seed_sum = np.float32(0.0)
-        for t in range(n_timepoints):
-            seed_sum += seeds[lesion, t]
-        target = products[lesion]
-        for j in range(width):
-            target[j] -= sums[j] * seed_sum
+    _finish_norms(sums, squares, n_timepoints, inverse_norms, means)
 
 
-@_compile
-def correlate_block(timeseries, start, seeds, products, inverse_norms):
-    """Products of a few seeds with the centred voxel columns ``start : start + width``
-    and the columns' inverse norms, in one pass over the stored values (no centred
-    copy, no matrix product): the way for small numbers of seeds, where the pass over
-    memory is the whole cost.
+@numba.njit(error_model="numpy", fastmath={"contract"})
+def _accumulate_fisher_z(products, width, inverse_norms, means, seed_sums, valid_seeds, limit, set_shift, shift, sum_dz, sum_dz2):
+    """Turn one subject's products into Fisher z and add ``z - shift`` and its square
+    to a part's float32 sums, in one pass.
 
-    Parameters
-    ----------
-    timeseries : ndarray (T, V), float32, or uint16 holding float16 bits
-        One subject's stored timeseries.
-    start : int
-        First voxel of the block.
-    seeds : ndarray (L, T) float32
-        Centred, unit-norm seeds.
-    products : ndarray (L, width) float32
-        Receives ``seeds @ centred`` (Pearson r once scaled by ``inverse_norms``).
-    inverse_norms : ndarray (width,) float32
-        Receives 1 / norm of each centred voxel column, 0 where the voxel is invalid.
-
-    Notes
-    -----
-    With d = x - x[0] (so that a constant column gives exactly zero), the products
-    ``sum_t seed_t d_t`` are corrected by ``mean(d) * sum_t seed_t``, which makes them
-    the products with the centred column.
+    r = (products[l, j] - means[j] * seed_sums[l]) * inverse_norms[j], clipped to
+    +-``limit``; pairs of an invalid voxel (inverse norm 0) or seed add nothing. With
+    ``set_shift`` (the first subject), ``shift`` is first set to z (0 for invalid
+    pairs).
     """
-    n_lesions, width = products.shape
-    for offset in range(0, width, _DIRECT_COLUMNS):
-        stop = min(offset + _DIRECT_COLUMNS, width)
-        part = np.empty((n_lesions, stop - offset), dtype=np.float32)  # contiguous: vectorised
-        _correlate_columns(timeseries, start + offset, seeds, part, inverse_norms[offset:stop])
-        products[:, offset:stop] = part
-
-
-#: Columns that the one-pass kernel takes at a time.
-_DIRECT_COLUMNS = 1024
-
-
-@_compile
-def scale_and_clip(products, inverse_norms, limit):
-    """Turn products of unit-norm seeds with centred voxels into Pearson r in place:
-    multiply column j by ``inverse_norms[j]`` and clip to ``[-limit, limit]``."""
-    n_rows, width = products.shape
-    for i in range(n_rows):
-        row = products[i]
-        for j in range(width):
-            row[j] = min(max(row[j] * inverse_norms[j], -limit), limit)
-
-
-@_compile
-def accumulate(z, valid_voxels, valid_seeds, set_shift, shift, sum_dz, sum_dz2):
-    """Add one subject's ``z - shift`` and its square to a block's partial sums.
-
-    Parameters
-    ----------
-    z : ndarray (L, width) float32
-        Fisher z of the subject for the block.
-    valid_voxels : ndarray (width,) float32
-        Non-zero where the voxel was valid in this subject (its inverse norm).
-    valid_seeds : ndarray (L,) bool
-        Seeds that were valid in this subject.
-    set_shift : bool
-        First subject: set ``shift`` to its z (0 for invalid pairs) first.
-    shift : ndarray (L, width) float32
-        Per-pair shift of the block.
-    sum_dz, sum_dz2 : ndarray (L, width) float32
-        The block's partial sums; invalid pairs add nothing.
-    """
-    n_lesions, width = z.shape
-    for lesion in range(n_lesions):
+    for lesion in range(products.shape[0]):
+        shifts = shift[lesion, :width]
         if not valid_seeds[lesion]:
+            if set_shift:
+                shifts[:] = 0.0
             continue
-        values = z[lesion]
-        shifts = shift[lesion]
-        sums = sum_dz[lesion]
-        squares = sum_dz2[lesion]
+        values = products[lesion, :width]
+        sums = sum_dz[lesion, :width]
+        squares = sum_dz2[lesion, :width]
+        seed_sum = seed_sums[lesion]
         if set_shift:
             for j in range(width):
-                shifts[j] = values[j] if valid_voxels[j] != 0 else np.float32(0.0)
+                r = min(max((values[j] - means[j] * seed_sum) * inverse_norms[j], -limit), limit)
+                shifts[j] = fisher_z(r) if inverse_norms[j] != 0 else np.float32(0.0)
         for j in range(width):
-            d = values[j] - shifts[j] if valid_voxels[j] != 0 else np.float32(0.0)
+            r = min(max((values[j] - means[j] * seed_sum) * inverse_norms[j], -limit), limit)
+            d = fisher_z(r) - shifts[j] if inverse_norms[j] != 0 else np.float32(0.0)
             sums[j] += d
             squares[j] += d * d
 
 
+@intrinsic
+def _sgemm(typingctx, address, m, n, k, a, lda, b, ldb, c, ldc):
+    """Call the BLAS ``sgemm`` at ``address`` (Fortran interface, every argument by
+    reference) for column-major ``c (m x n) = a (m x k) @ b (k x n)``; the leading
+    dimensions are in elements."""
+    arrays = (a, b, c)
+    if not all(isinstance(x, types.Array) and x.dtype == types.float32 for x in arrays):
+        return None
+
+    def codegen(context, builder, signature, args):
+        int32, float32 = ir.IntType(32), ir.FloatType()
+        char = ir.IntType(8)
+
+        def by_reference(kind, value):
+            slot = cgutils.alloca_once(builder, kind)
+            builder.store(value, slot)
+            return slot
+
+        def integer(index):
+            return by_reference(int32, builder.trunc(args[index], int32))
+
+        def data(index):
+            return context.make_array(signature.args[index])(context, builder, args[index]).data
+
+        no_transpose = by_reference(char, ir.Constant(char, ord("N")))
+        one, zero = by_reference(float32, ir.Constant(float32, 1.0)), by_reference(float32, ir.Constant(float32, 0.0))
+        arguments = [no_transpose, no_transpose, integer(1), integer(2), integer(3), one, data(4), integer(5), data(6), integer(7), zero, data(8), integer(9)]
+        function_type = ir.FunctionType(ir.VoidType(), [x.type for x in arguments])
+        function = builder.inttoptr(args[0], function_type.as_pointer())
+        builder.call(function, arguments)
+        return context.get_dummy_value()
+
+    return types.void(types.intp, types.intp, types.intp, types.intp, a, types.intp, b, types.intp, c, types.intp), codegen
+
+
+#: Voxels the one-pass kernel (a few seeds) takes at a time: its running sums then
+#: stay in the L1 cache.
+DIRECT_PART = 1024
+
+#: Up to this many seeds, :func:`map_group` forms the products in one pass over the
+#: stored values; beyond, by centring each part and one matrix product.
+DIRECT_MAX_LESIONS = 4
+
+
 @_compile
-def fold(partial, total, start):
-    """Add the float32 ``partial`` (L, width) into columns ``start :`` of the float64
-    ``total`` (L, V)."""
-    n_rows, width = partial.shape
-    for i in range(n_rows):
-        source = partial[i]
-        target = total[i, start : start + width]
-        for j in range(width):
-            target[j] += source[j]
+def map_group(subjects, seeds, valid_seeds, start, stop, first_group, limit, sgemm, totals, workspace, invalid):
+    """Fold the Fisher z of a group of subjects for voxels ``start : stop`` into the
+    running sums.
+
+    The voxels are taken in parts of ``workspace``'s width, small enough for a part's
+    data (centred columns, products, float32 partial sums) to stay in the L2 cache
+    while every subject of the group passes through it. Per subject and part: the
+    products of the seeds with the centred columns (by :func:`_centre_part` and one
+    ``sgemm``, or for a few seeds by :func:`_correlate_part`), then
+    :func:`_accumulate_fisher_z`. After the group, a part's partial sums are added
+    to the float64 totals.
+
+    Parameters
+    ----------
+    subjects : typed list of ndarray (T, V)
+        The group's stored timeseries (float32, or uint16 holding float16 bits).
+    seeds : ndarray (G, L, T) float32
+        Centred, unit-norm seeds per subject (0 for invalid seeds).
+    valid_seeds : ndarray (G, L) bool
+    start, stop : int
+        The voxels to map.
+    first_group : bool
+        The sums are empty: the first subject sets the shift.
+    limit : float32
+        Correlations are clipped to +-limit.
+    sgemm : int
+        Address of BLAS ``sgemm`` (Fortran interface); unused for a few seeds.
+    totals : tuple (shift (L, V) float32, sum_dz (L, V) float64, sum_dz2 (L, V) float64)
+        The running sums (see :class:`~lacuna.analysis.functional_engine.FisherZSums`).
+    workspace : tuple of float32 arrays
+        This thread's buffers: centred (T, P), products, shift, sum_dz, sum_dz2
+        (L, P), inverse norms, means, first, row (P,), for parts of P voxels.
+    invalid : ndarray (G, stop - start) bool
+        Receives the voxels invalid in each subject.
+    """
+    shift_total, sum_dz_total, sum_dz2_total = totals
+    centred, products, part_shift, part_dz, part_dz2, inverse_norms, means, first, row = workspace
+    n_subjects, n_lesions, n_timepoints = seeds.shape
+    part_width = products.shape[1]
+    seed_sums = np.zeros((n_subjects, n_lesions), dtype=np.float32)
+    for g in range(n_subjects):
+        for lesion in range(n_lesions):
+            seed_sums[g, lesion] = seeds[g, lesion].sum()
+    direct = n_lesions <= DIRECT_MAX_LESIONS
+    for part_start in range(start, stop, part_width):
+        width = min(part_width, stop - part_start)
+        part_dz[:, :width] = 0.0
+        part_dz2[:, :width] = 0.0
+        if not first_group:
+            part_shift[:, :width] = shift_total[:, part_start : part_start + width]
+        for g in range(n_subjects):
+            timeseries = subjects[g]
+            if direct:
+                _correlate_part(timeseries, part_start, width, seeds[g], products, inverse_norms, means, first, row)
+            else:
+                _centre_part(timeseries, part_start, width, centred, inverse_norms, means)
+                _sgemm(sgemm, width, n_lesions, n_timepoints, centred, part_width, seeds[g], n_timepoints, products, part_width)
+            set_shift = first_group and g == 0
+            _accumulate_fisher_z(products, width, inverse_norms, means, seed_sums[g], valid_seeds[g], limit, set_shift, part_shift, part_dz, part_dz2)
+            for j in range(width):
+                invalid[g, part_start - start + j] = inverse_norms[j] == 0
+        if first_group:
+            shift_total[:, part_start : part_start + width] = part_shift[:, :width]
+        for lesion in range(n_lesions):
+            sums = sum_dz_total[lesion, part_start : part_start + width]
+            squares = sum_dz2_total[lesion, part_start : part_start + width]
+            for j in range(width):
+                sums[j] += part_dz[lesion, j]
+                squares[j] += part_dz2[lesion, j]
 
 
 @_compile
@@ -422,23 +528,36 @@ def prepare(stored_dtypes) -> None:
     """Compile every kernel (or load it from numba's cache) for the argument types the
     engine passes with connectomes stored as ``stored_dtypes`` (float16 and/or float32),
     so that a pass does not stall on it midway. Loading takes a few hundredths of a
-    second per process; compiling, a few seconds the first time."""
+    second per process; compiling, several seconds the first time."""
     for dtype in {np.dtype(np.uint16) if np.dtype(d) == np.float16 else np.dtype(d) for d in stored_dtypes}:
         timeseries = np.zeros((4, 16), dtype=dtype)
         timeseries.flags.writeable = False  # subjects are handed over read-only
         columns = np.arange(2, dtype=np.int64)
         weighted_sums(timeseries, columns, columns, np.ones(2), np.empty((4, 2)))
         gather_columns(timeseries, columns, np.empty((4, 2), dtype=np.float32))
-        seeds = np.ones((2, 4), dtype=np.float32)
-        centre_block(timeseries, 0, np.empty((4, 8), dtype=np.float32), np.empty(8, dtype=np.float32))
-        correlate_block(timeseries, 0, seeds, np.empty((2, 8), dtype=np.float32), np.empty(8, dtype=np.float32))
-    products = np.zeros((2, 8), dtype=np.float32)
-    valid = np.ones(8, dtype=np.float32)
-    scale_and_clip(products, valid, np.float32(0.5))
-    accumulate(products, valid, np.ones(2, dtype=bool), True, products.copy(), products.copy(), products.copy())
-    fold(products, np.zeros((2, 16)), 0)
+        subjects = numba.typed.List([timeseries])
+        for n_lesions in (1, DIRECT_MAX_LESIONS + 1):  # both ways of forming products
+            seeds = np.zeros((1, n_lesions, 4), dtype=np.float32)
+            totals = (np.zeros((n_lesions, 16), dtype=np.float32), np.zeros((n_lesions, 16)), np.zeros((n_lesions, 16)))
+            workspace = new_workspace(4, n_lesions, 8)
+            invalid = np.empty((1, 16), dtype=bool)
+            map_group(subjects, seeds, np.ones((1, n_lesions), dtype=bool), 0, 16, True, np.float32(0.5), sgemm_address(), totals, workspace, invalid)
     vector = np.ones(4)
     t_statistics(np.zeros(4, dtype=np.float32), vector, vector, vector, np.empty(4), np.empty(4), np.empty(4, dtype=bool))
     cubic_hermite(vector, 0.5, vector, vector, np.empty(4))
     keys = np.empty(4, dtype=np.uint64)
     step_up_adjust(vector, keys, rank_keys(vector, keys), np.empty(4))
+
+
+def sgemm_address() -> int:
+    """Address of BLAS ``sgemm`` (scipy's, Fortran interface) for :func:`map_group`."""
+    return get_cython_function_address("scipy.linalg.cython_blas", "sgemm")
+
+
+def new_workspace(n_timepoints: int, n_lesions: int, part_width: int) -> tuple[np.ndarray, ...]:
+    """One thread's buffers for :func:`map_group`, for parts of ``part_width`` voxels."""
+    return (
+        np.empty((n_timepoints, part_width), dtype=np.float32),
+        *(np.empty((n_lesions, part_width), dtype=np.float32) for _ in range(4)),
+        *(np.empty(part_width, dtype=np.float32) for _ in range(4)),
+    )
