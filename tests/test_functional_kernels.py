@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 from scipy import special, stats
@@ -42,13 +41,10 @@ def _map_group(stored: list, seeds: np.ndarray, valid_seeds: np.ndarray, start: 
     if first:
         totals = (np.zeros((n_lesions, n_voxels), np.float32), np.zeros((n_lesions, n_voxels)), np.zeros((n_lesions, n_voxels)))
     invalid = np.empty((n_subjects, stop - start), dtype=bool)
-    subjects = numba.typed.List()
-    for timeseries in stored:
-        view = timeseries.view()
-        view.flags.writeable = False
-        subjects.append(view)
+    contiguous = [np.ascontiguousarray(timeseries) for timeseries in stored]
+    addresses = np.array([timeseries.ctypes.data for timeseries in contiguous])
     workspace = kernels.new_workspace(n_timepoints, n_lesions, part_width)
-    kernels.map_group(subjects, seeds, valid_seeds, start, stop, first, np.float32(R_MAX), kernels.sgemm_address(), totals, workspace, invalid)
+    kernels.map_group(contiguous[0], addresses, seeds, valid_seeds, start, stop, first, np.float32(R_MAX), kernels.sgemm_address(), totals, workspace, invalid)
     return totals, invalid
 
 

@@ -40,7 +40,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 
@@ -229,7 +228,8 @@ class _Group:
     """Subjects mapped together, as :func:`~lacuna.analysis.functional_kernels.map_group`
     takes them."""
 
-    timeseries: numba.typed.List  # of (T, V) float32, or uint16 holding float16 bits
+    timeseries: list[np.ndarray]  # (T, V) C-contiguous float32, or uint16 holding float16 bits
+    addresses: np.ndarray  # (G,) int64: where each subject's data starts
     seeds: np.ndarray  # (G, L, T) float32
     valid_seeds: np.ndarray  # (G, L) bool
     first: bool  # the first group: its first subject sets the shift
@@ -237,8 +237,10 @@ class _Group:
     @classmethod
     def of(cls, subjects: list, first: bool) -> "_Group":
         """A group from ``(timeseries, (seeds, invalid seeds))`` pairs."""
+        stored = [_stored(timeseries) for timeseries, _ in subjects]
         return cls(
-            numba.typed.List([_stored(timeseries) for timeseries, _ in subjects]),
+            stored,
+            np.array([timeseries.ctypes.data for timeseries in stored], dtype=np.int64),
             np.stack([seeds for _, (seeds, _) in subjects]),
             ~np.stack([invalid for _, (_, invalid) in subjects]),
             first,
@@ -267,7 +269,8 @@ class _BlockMapper:
             workspace = self.local.workspace = kernels.new_workspace(self.n_timepoints, self.n_lesions, self.part_width)
         invalid = np.empty((len(group), block.stop - block.start), dtype=bool)
         kernels.map_group(
-            group.timeseries,
+            group.timeseries[0],
+            group.addresses,
             group.seeds,
             group.valid_seeds,
             block.start,
@@ -352,8 +355,10 @@ def stream_fisher_z(
 
 
 def _stored(timeseries: np.ndarray) -> np.ndarray:
-    """The array the kernels take: float32 as is, float16 as its bits (uint16)."""
-    stored = timeseries.view(np.uint16) if timeseries.dtype == np.float16 else timeseries.view()
+    """The C-contiguous, read-only array the kernels take: float32 as is, float16 as its
+    bits (uint16)."""
+    stored = np.ascontiguousarray(timeseries)
+    stored = stored.view(np.uint16) if stored.dtype == np.float16 else stored.view()
     stored.flags.writeable = False  # one compiled type for every subject
     return stored
 

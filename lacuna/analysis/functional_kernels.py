@@ -408,6 +408,25 @@ def _sgemm(typingctx, address, m, n, k, a, lda, b, ldb, c, ldc):
     return types.void(types.intp, types.intp, types.intp, types.intp, a, types.intp, b, types.intp, c, types.intp), codegen
 
 
+@intrinsic
+def _pointer_like(typingctx, array, address):
+    """``address`` as a pointer to ``array``'s element type."""
+    if not isinstance(array, types.Array) or not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[1], context.get_value_type(array.dtype).as_pointer())
+
+    return types.CPointer(array.dtype)(array, address), codegen
+
+
+@numba.njit(inline="always")
+def _array_like(array, address):
+    """The C-contiguous array of ``array``'s shape and type whose data is at
+    ``address``."""
+    return numba.carray(_pointer_like(array, address), array.shape)
+
+
 #: Voxels the one-pass kernel (a few seeds) takes at a time: its running sums then
 #: stay in the L1 cache.
 DIRECT_PART = 1024
@@ -418,7 +437,7 @@ DIRECT_MAX_LESIONS = 4
 
 
 @_compile
-def map_group(subjects, seeds, valid_seeds, start, stop, first_group, limit, sgemm, totals, workspace, invalid):
+def map_group(first_subject, addresses, seeds, valid_seeds, start, stop, first_group, limit, sgemm, totals, workspace, invalid):
     """Fold the Fisher z of a group of subjects for voxels ``start : stop`` into the
     running sums.
 
@@ -432,8 +451,13 @@ def map_group(subjects, seeds, valid_seeds, start, stop, first_group, limit, sge
 
     Parameters
     ----------
-    subjects : typed list of ndarray (T, V)
-        The group's stored timeseries (float32, or uint16 holding float16 bits).
+    first_subject : ndarray (T, V)
+        The group's first stored timeseries (float32, or uint16 holding float16 bits).
+    addresses : ndarray (G,) int64
+        Where the data of each subject of the group starts; each is a C-contiguous
+        array of the shape and type of ``first_subject``, kept alive by the caller.
+        (Addresses rather than a numba typed list, whose methods would be compiled
+        in every process.)
     seeds : ndarray (G, L, T) float32
         Centred, unit-norm seeds per subject (0 for invalid seeds).
     valid_seeds : ndarray (G, L) bool
@@ -469,10 +493,10 @@ def map_group(subjects, seeds, valid_seeds, start, stop, first_group, limit, sge
         if not first_group:
             part_shift[:, :width] = shift_total[:, part_start : part_start + width]
         for g in range(n_subjects):
-            timeseries = subjects[g]
+            timeseries = _array_like(first_subject, addresses[g])
             if g + 1 < n_subjects:  # the next subject's first rows, while this one computes
                 for t in range(_ROWS_AHEAD):
-                    _prefetch_row(subjects[g + 1], t, part_start, width)
+                    _prefetch_row(_array_like(first_subject, addresses[g + 1]), t, part_start, width)
             if direct:
                 _correlate_part(timeseries, part_start, width, seeds[g], products, inverse_norms, means, first, rows)
             else:
@@ -577,13 +601,13 @@ def prepare(stored_dtypes) -> None:
         columns = np.arange(2, dtype=np.int64)
         weighted_sums(timeseries, columns, columns, np.ones(2), np.empty((4, 2)))
         gather_columns(timeseries, columns, np.empty((4, 2), dtype=np.float32))
-        subjects = numba.typed.List([timeseries])
+        addresses = np.array([timeseries.ctypes.data])
         for n_lesions in (1, DIRECT_MAX_LESIONS + 1):  # both ways of forming products
             seeds = np.zeros((1, n_lesions, 4), dtype=np.float32)
             totals = (np.zeros((n_lesions, 16), dtype=np.float32), np.zeros((n_lesions, 16)), np.zeros((n_lesions, 16)))
             workspace = new_workspace(4, n_lesions, 8)
             invalid = np.empty((1, 16), dtype=bool)
-            map_group(subjects, seeds, np.ones((1, n_lesions), dtype=bool), 0, 16, True, np.float32(0.5), sgemm_address(), totals, workspace, invalid)
+            map_group(timeseries, addresses, seeds, np.ones((1, n_lesions), dtype=bool), 0, 16, True, np.float32(0.5), sgemm_address(), totals, workspace, invalid)
     vector = np.ones(4)
     t_statistics(np.zeros(4, dtype=np.float32), vector, vector, vector, np.empty(4), np.empty(4), np.empty(4, dtype=bool))
     cubic_hermite(vector, 0.5, vector, vector, np.empty(4))
