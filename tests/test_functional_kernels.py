@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numba.extending import get_cython_function_address
 from scipy import special, stats
 
 from lacuna.analysis import functional_kernels as kernels
@@ -33,7 +34,7 @@ def _unit_seeds(rng, n_lesions: int, n_timepoints: int) -> np.ndarray:
     return (seeds / np.linalg.norm(seeds, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _map_group(stored: list, seeds: np.ndarray, valid_seeds: np.ndarray, start: int, stop: int, part_width: int, totals=None):
+def _map_group(stored: list, seeds: np.ndarray, valid_seeds: np.ndarray, start: int, stop: int, part_width: int, totals=None, sgemm=None):
     """Run map_group over one group; returns the totals and the invalid voxels."""
     n_subjects, n_lesions, n_timepoints = seeds.shape
     n_voxels = stored[0].shape[1]
@@ -44,7 +45,7 @@ def _map_group(stored: list, seeds: np.ndarray, valid_seeds: np.ndarray, start: 
     contiguous = [np.ascontiguousarray(timeseries) for timeseries in stored]
     addresses = np.array([timeseries.ctypes.data for timeseries in contiguous])
     workspace = kernels.new_workspace(n_timepoints, n_lesions, part_width)
-    kernels.map_group(contiguous[0], addresses, seeds, valid_seeds, start, stop, first, np.float32(R_MAX), kernels.sgemm_address(), totals, workspace, invalid)
+    kernels.map_group(contiguous[0], addresses, seeds, valid_seeds, start, stop, first, np.float32(R_MAX), sgemm or kernels.blas_sgemm(), totals, workspace, invalid)
     return totals, invalid
 
 
@@ -79,6 +80,21 @@ def test_map_group_sums_match_numpy(dtype, n_lesions):
     np.testing.assert_allclose(sum_dz2[:, start:stop], (d**2).sum(axis=0), atol=1e-5)
     outside = np.r_[0:start, stop:n_voxels]
     assert not sum_dz[:, outside].any() and not shift_total[:, outside].any()
+
+
+def test_scipy_blas_gives_the_same_sums():
+    # blas_sgemm prefers numpy's OpenBLAS (64-bit integers); scipy's (32-bit) is the
+    # fallback where numpy uses another BLAS.
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal((2, 40, 300)).astype(np.float32)
+    seeds = np.stack([_unit_seeds(rng, 9, 40) for _ in range(2)])
+    valid = np.ones((2, 9), dtype=bool)
+    scipy_sgemm = (get_cython_function_address("scipy.linalg.cython_blas", "sgemm"), 32)
+    preferred, _ = _map_group(list(data), seeds, valid, 0, 300, part_width=64)
+    fallback, _ = _map_group(list(data), seeds, valid, 0, 300, part_width=64, sgemm=scipy_sgemm)
+    for ours, theirs in zip(preferred, fallback):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    assert np.abs(preferred[1]).sum() > 1  # something was summed
 
 
 def test_fisher_z_matches_arctanh():

@@ -258,7 +258,7 @@ class _BlockMapper:
         self.n_timepoints = n_timepoints
         self.n_lesions = sums.shift.shape[0]
         self.part_width = part_width(self.n_lesions, n_timepoints)
-        self.sgemm = kernels.sgemm_address()
+        self.sgemm = kernels.blas_sgemm()
         self.local = threading.local()
 
     def __call__(self, group: _Group, block: slice) -> np.ndarray:

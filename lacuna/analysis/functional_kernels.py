@@ -12,10 +12,12 @@ no float16 type, and numpy's own conversion costs more than the rest of a block.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import numba
 import numpy as np
+import threadpoolctl
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -373,39 +375,61 @@ def _accumulate_fisher_z(products, width, inverse_norms, means, seed_sums, valid
             squares[j] += d * d
 
 
-@intrinsic
-def _sgemm(typingctx, address, m, n, k, a, lda, b, ldb, c, ldc):
-    """Call the BLAS ``sgemm`` at ``address`` (Fortran interface, every argument by
-    reference) for column-major ``c (m x n) = a (m x k) @ b (k x n)``; the leading
-    dimensions are in elements."""
-    arrays = (a, b, c)
-    if not all(isinstance(x, types.Array) and x.dtype == types.float32 for x in arrays):
-        return None
+def _sgemm_caller(integer_bits: int):
+    """An intrinsic calling the BLAS ``sgemm`` at a given address (Fortran interface,
+    every argument by reference, integers of ``integer_bits``) for column-major
+    ``c (m x n) = a (m x k) @ b (k x n)``; the leading dimensions are in elements."""
 
-    def codegen(context, builder, signature, args):
-        int32, float32 = ir.IntType(32), ir.FloatType()
-        char = ir.IntType(8)
+    @intrinsic
+    def call_sgemm(typingctx, address, m, n, k, a, lda, b, ldb, c, ldc):
+        arrays = (a, b, c)
+        if not all(isinstance(x, types.Array) and x.dtype == types.float32 for x in arrays):
+            return None
 
-        def by_reference(kind, value):
-            slot = cgutils.alloca_once(builder, kind)
-            builder.store(value, slot)
-            return slot
+        def codegen(context, builder, signature, args):
+            integer_type, float32 = ir.IntType(integer_bits), ir.FloatType()
+            char = ir.IntType(8)
 
-        def integer(index):
-            return by_reference(int32, builder.trunc(args[index], int32))
+            def by_reference(kind, value):
+                slot = cgutils.alloca_once(builder, kind)
+                builder.store(value, slot)
+                return slot
 
-        def data(index):
-            return context.make_array(signature.args[index])(context, builder, args[index]).data
+            def integer(index):
+                value = args[index]
+                if value.type.width > integer_bits:
+                    value = builder.trunc(value, integer_type)
+                elif value.type.width < integer_bits:
+                    value = builder.sext(value, integer_type)
+                return by_reference(integer_type, value)
 
-        no_transpose = by_reference(char, ir.Constant(char, ord("N")))
-        one, zero = by_reference(float32, ir.Constant(float32, 1.0)), by_reference(float32, ir.Constant(float32, 0.0))
-        arguments = [no_transpose, no_transpose, integer(1), integer(2), integer(3), one, data(4), integer(5), data(6), integer(7), zero, data(8), integer(9)]
-        function_type = ir.FunctionType(ir.VoidType(), [x.type for x in arguments])
-        function = builder.inttoptr(args[0], function_type.as_pointer())
-        builder.call(function, arguments)
-        return context.get_dummy_value()
+            def data(index):
+                return context.make_array(signature.args[index])(context, builder, args[index]).data
 
-    return types.void(types.intp, types.intp, types.intp, types.intp, a, types.intp, b, types.intp, c, types.intp), codegen
+            no_transpose = by_reference(char, ir.Constant(char, ord("N")))
+            one, zero = by_reference(float32, ir.Constant(float32, 1.0)), by_reference(float32, ir.Constant(float32, 0.0))
+            arguments = [no_transpose, no_transpose, integer(1), integer(2), integer(3), one, data(4), integer(5)]
+            arguments += [data(6), integer(7), zero, data(8), integer(9)]
+            function_type = ir.FunctionType(ir.VoidType(), [x.type for x in arguments])
+            builder.call(builder.inttoptr(args[0], function_type.as_pointer()), arguments)
+            return context.get_dummy_value()
+
+        return types.void(types.intp, types.intp, types.intp, types.intp, a, types.intp, b, types.intp, c, types.intp), codegen
+
+    return call_sgemm
+
+
+_sgemm_lp64 = _sgemm_caller(32)
+_sgemm_ilp64 = _sgemm_caller(64)
+
+
+@numba.njit(inline="always")
+def _sgemm(sgemm, m, n, k, a, lda, b, ldb, c, ldc):
+    """Call the BLAS ``sgemm`` described by ``sgemm`` (:func:`blas_sgemm`)."""
+    if sgemm[1] == 64:
+        _sgemm_ilp64(sgemm[0], m, n, k, a, lda, b, ldb, c, ldc)
+    else:
+        _sgemm_lp64(sgemm[0], m, n, k, a, lda, b, ldb, c, ldc)
 
 
 @intrinsic
@@ -467,8 +491,8 @@ def map_group(first_subject, addresses, seeds, valid_seeds, start, stop, first_g
         The sums are empty: the first subject sets the shift.
     limit : float32
         Correlations are clipped to +-limit.
-    sgemm : int
-        Address of BLAS ``sgemm`` (Fortran interface); unused for a few seeds.
+    sgemm : tuple (int, int)
+        The BLAS ``sgemm`` to call, from :func:`blas_sgemm`; unused for a few seeds.
     totals : tuple (shift (L, V) float32, sum_dz (L, V) float64, sum_dz2 (L, V) float64)
         The running sums (see :class:`~lacuna.analysis.functional_engine.FisherZSums`).
     workspace : tuple of float32 arrays
@@ -607,7 +631,7 @@ def prepare(stored_dtypes) -> None:
             totals = (np.zeros((n_lesions, 16), dtype=np.float32), np.zeros((n_lesions, 16)), np.zeros((n_lesions, 16)))
             workspace = new_workspace(4, n_lesions, 8)
             invalid = np.empty((1, 16), dtype=bool)
-            map_group(timeseries, addresses, seeds, np.ones((1, n_lesions), dtype=bool), 0, 16, True, np.float32(0.5), sgemm_address(), totals, workspace, invalid)
+            map_group(timeseries, addresses, seeds, np.ones((1, n_lesions), dtype=bool), 0, 16, True, np.float32(0.5), blas_sgemm(), totals, workspace, invalid)
     vector = np.ones(4)
     t_statistics(np.zeros(4, dtype=np.float32), vector, vector, vector, np.empty(4), np.empty(4), np.empty(4, dtype=bool))
     cubic_hermite(vector, 0.5, vector, vector, np.empty(4))
@@ -615,9 +639,22 @@ def prepare(stored_dtypes) -> None:
     step_up_adjust(vector, keys, rank_keys(vector, keys), np.empty(4))
 
 
-def sgemm_address() -> int:
-    """Address of BLAS ``sgemm`` (scipy's, Fortran interface) for :func:`map_group`."""
-    return get_cython_function_address("scipy.linalg.cython_blas", "sgemm")
+def blas_sgemm() -> tuple[int, int]:
+    """The BLAS ``sgemm`` for :func:`map_group`: (address, bits of its integers).
+
+    numpy's own OpenBLAS when it can be found (the library behind ``numpy.matmul``,
+    64-bit integers; measured 12% faster on our product than the copy bundled with
+    scipy), otherwise scipy's public ``cython_blas`` (32-bit integers).
+    """
+    for library in threadpoolctl.threadpool_info():
+        if library.get("internal_api") != "openblas" or "numpy" not in library.get("filepath", ""):
+            continue
+        try:
+            function = getattr(ctypes.CDLL(library["filepath"]), "scipy_sgemm_64_")
+        except (OSError, AttributeError):
+            break
+        return ctypes.cast(function, ctypes.c_void_p).value, 64
+    return get_cython_function_address("scipy.linalg.cython_blas", "sgemm"), 32
 
 
 def new_workspace(n_timepoints: int, n_lesions: int, part_width: int) -> tuple[np.ndarray, ...]:
