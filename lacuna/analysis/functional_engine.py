@@ -372,7 +372,6 @@ class GroupStatistics:
     t: np.ndarray
     p: np.ndarray | None
     p_fdr: np.ndarray | None
-    n: np.ndarray
     undefined_t: np.ndarray
 
 
@@ -397,32 +396,36 @@ def summarise(shift: np.ndarray, sum_dz: np.ndarray, sum_dz2: np.ndarray, n, com
     undefined: it is set to 0 and p to 1 there, and the voxels are flagged in
     ``undefined_t``. FDR adjustment (Benjamini-Hochberg) runs over the brain-mask voxels.
     """
-    df = float(n) - 1 if np.ndim(n) == 0 else None
-    n = np.broadcast_to(np.asarray(n, dtype=np.float64), sum_dz.shape)
-    mean = np.empty(sum_dz.shape)
-    t = np.empty(sum_dz.shape)
+    counts = np.ascontiguousarray(n, dtype=np.float64).reshape(-1)
+    mean = np.empty(sum_dz.shape, dtype=np.float32)
+    t = np.empty(sum_dz.shape, dtype=np.float32)
+    abs_t = np.empty(sum_dz.shape)
     defined = np.empty(sum_dz.shape, dtype=bool)
     kernels.t_statistics(
         np.ascontiguousarray(shift, dtype=np.float32),
         np.ascontiguousarray(sum_dz, dtype=np.float64),
         np.ascontiguousarray(sum_dz2, dtype=np.float64),
-        np.ascontiguousarray(n),
+        counts,
         mean,
         t,
+        abs_t,
         defined,
     )
     p = p_fdr = None
     if compute_p:
-        p = np.ones_like(t)
-        p[defined] = two_sided_p(np.abs(t[defined]), n[defined] - 1 if df is None else df)
+        df = counts - 1 if counts.size > 1 else float(counts[0] - 1)
+        if defined.all():
+            p = two_sided_p(abs_t, df)
+        else:
+            p = np.ones_like(abs_t)
+            p[defined] = two_sided_p(abs_t[defined], df if counts.size == 1 else df[defined])
         p_fdr = benjamini_hochberg(p)
     return GroupStatistics(
-        z=mean.astype(np.float32),
-        r=np.tanh(mean.astype(np.float32)),
-        t=t.astype(np.float32),
+        z=mean,
+        r=np.tanh(mean),
+        t=t,
         p=None if p is None else p.astype(np.float32),
         p_fdr=None if p_fdr is None else p_fdr.astype(np.float32),
-        n=n.astype(np.int32),
         undefined_t=~defined,
     )
 

@@ -541,7 +541,7 @@ def map_group(first_subject, addresses, seeds, valid_seeds, start, stop, first_g
 
 
 @_compile
-def t_statistics(shift, sum_dz, sum_dz2, n, mean, t, defined):
+def t_statistics(shift, sum_dz, sum_dz2, counts, mean, t, abs_t, defined):
     """Mean z and one-sample t of one lesion from its shifted sums.
 
     Parameters
@@ -549,22 +549,36 @@ def t_statistics(shift, sum_dz, sum_dz2, n, mean, t, defined):
     shift : ndarray (V,) float32
     sum_dz, sum_dz2 : ndarray (V,) float64
         Sums of (z - shift) and (z - shift)^2.
-    n : ndarray (V,) float64
-        Subjects contributing to each voxel.
-    mean, t : ndarray (V,) float64
+    counts : ndarray (V,) or (1,) float64
+        Subjects contributing to each voxel, or to all of them.
+    mean, t : ndarray (V,) float32
         Receive mean z and t (0 where t is undefined).
+    abs_t : ndarray (V,) float64
+        Receives |t| at full precision, for p values.
     defined : ndarray (V,) bool
         Receives where t is defined: more than one subject and a standard error that is
         not negligible next to the mean.
     """
     for j in range(shift.size):
-        count = n[j]
+        count = counts[j] if counts.size > 1 else counts[0]
         mean_dz = sum_dz[j] / count if count > 0 else 0.0
-        mean[j] = shift[j] + mean_dz
+        mean_z = shift[j] + mean_dz
         variance = (sum_dz2[j] - count * mean_dz * mean_dz) / (count - 1) if count > 1 else 0.0
         standard_error = math.sqrt(max(variance, 0.0) / max(count, 1.0))
-        defined[j] = count > 1 and standard_error > 1e-12 * max(abs(mean[j]), 1.0)
-        t[j] = mean[j] / standard_error if defined[j] else 0.0
+        defined[j] = count > 1 and standard_error > 1e-12 * max(abs(mean_z), 1.0)
+        t_value = mean_z / standard_error if defined[j] else 0.0
+        mean[j] = mean_z
+        t[j] = t_value
+        abs_t[j] = abs(t_value)
+
+
+@_compile
+def scatter(values, indices, fill, out):
+    """``out[:] = fill``, then ``out[indices[i]] = values[i]`` (a volume from values in
+    the brain mask, in two passes and without the GIL)."""
+    out[:] = fill
+    for i in range(indices.size):
+        out[indices[i]] = values[i]
 
 
 @_compile
@@ -633,7 +647,11 @@ def prepare(stored_dtypes) -> None:
             invalid = np.empty((1, 16), dtype=bool)
             map_group(timeseries, addresses, seeds, np.ones((1, n_lesions), dtype=bool), 0, 16, True, np.float32(0.5), blas_sgemm(), totals, workspace, invalid)
     vector = np.ones(4)
-    t_statistics(np.zeros(4, dtype=np.float32), vector, vector, vector, np.empty(4), np.empty(4), np.empty(4, dtype=bool))
+    single = np.empty(4, dtype=np.float32)
+    t_statistics(single, vector, vector, vector, single, single, np.empty(4), np.empty(4, dtype=bool))
+    t_statistics(single, vector, vector, vector[:1].copy(), single, single, np.empty(4), np.empty(4, dtype=bool))
+    for values in (single, vector):
+        scatter(values, np.arange(4), np.float32(0.0), np.empty(8, dtype=np.float32))
     cubic_hermite(vector, 0.5, vector, vector, np.empty(4))
     keys = np.empty(4, dtype=np.uint64)
     step_up_adjust(vector, keys, rank_keys(vector, keys), np.empty(4))

@@ -282,6 +282,13 @@ class FunctionalNetworkMapping(BatchAnalysis):
         n = sums.n if sums.missing is None else sums.n[row]
         return summarise(sums.shift[row], sums.sum_dz[row], sums.sum_dz2[row], n, self.compute_p_map)
 
+    def _volume(self, values: np.ndarray, fill: float) -> np.ndarray:
+        """Per-voxel ``values`` as a float32 volume of the connectome's mask grid, ``fill``
+        outside the mask (compiled: it runs on the worker threads without the GIL)."""
+        volume = np.empty(self.connectome.mask_shape, dtype=np.float32)
+        kernels.scatter(values, self.connectome.flat_indices, np.float32(fill), volume.reshape(-1))
+        return volume
+
     def _results(self, lesion: PreparedLesion, used: np.ndarray, statistics, excluded: int) -> dict[str, Result]:
         label = self.connectome_label
         maps = {"z": (statistics.z, "Mean Fisher z across connectome subjects", "")}
@@ -307,7 +314,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
             fill = 1.0 if stat in ("p", "pfdr") else 0.0
             results[f"{self.connectome.name}_{stat}"] = VoxelMap(
                 name=stat,
-                data=self.connectome.to_volume(values, fill=fill),
+                data=self._volume(values, fill),
                 affine=self.connectome.mask_affine,
                 space=self.connectome.space,
                 resolution=self.connectome.resolution,
