@@ -133,3 +133,20 @@ def test_benjamini_hochberg_matches_scipy():
     rng = np.random.default_rng(1)
     p = np.concatenate([rng.uniform(size=5000) ** 3, np.full(50, 0.01), [1.0, 0.0]])  # with ties
     np.testing.assert_allclose(benjamini_hochberg(p), stats.false_discovery_control(p, method="bh"), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("flags", "architecture", "expected"),
+    [
+        ("fpu avx2 avx512f avx512cd avx512bw avx512dq avx512vl", "Haswell", True),
+        ("fpu avx2 avx512f avx512cd avx512bw avx512dq avx512vl", "SkylakeX", False),
+        ("fpu avx2 fma", "Haswell", False),
+    ],
+)
+def test_avx2_blas_on_avx512_cpu_is_detected(tmp_path, monkeypatch, flags, architecture, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n")
+    libraries = [{"internal_api": "openblas", "architecture": architecture, "filepath": "x"}]
+    monkeypatch.setattr(kernels.threadpoolctl, "threadpool_info", lambda: libraries)
+    assert kernels.avx2_blas_on_avx512_cpu(str(cpuinfo)) is expected
+    assert kernels.avx2_blas_on_avx512_cpu(str(tmp_path / "missing")) is False

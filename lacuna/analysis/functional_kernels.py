@@ -675,6 +675,26 @@ def blas_sgemm() -> tuple[int, int]:
     return get_cython_function_address("scipy.linalg.cython_blas", "sgemm"), 32
 
 
+#: CPU flags OpenBLAS's AVX-512 ("SkylakeX") kernels need.
+_AVX512_FLAGS = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+
+
+def avx2_blas_on_avx512_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether numpy's OpenBLAS runs its AVX2 kernels on a CPU that has AVX-512 (as on
+    AMD Zen 5, which current OpenBLAS releases do not recognise); setting
+    ``OPENBLAS_CORETYPE=SkylakeX`` then speeds up the matrix product."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open(cpuinfo) if line.startswith("flags")), [])
+    except OSError:
+        return False
+    if not _AVX512_FLAGS <= set(flags):
+        return False
+    return any(
+        library.get("internal_api") == "openblas" and library.get("architecture") in ("Haswell", "Zen")
+        for library in threadpoolctl.threadpool_info()
+    )
+
+
 def new_workspace(n_timepoints: int, n_lesions: int, part_width: int) -> tuple[np.ndarray, ...]:
     """One thread's buffers for :func:`map_group`, for parts of ``part_width`` voxels."""
     return (

@@ -154,6 +154,11 @@ class FunctionalNetworkMapping(BatchAnalysis):
         self.return_in_input_space = return_in_input_space
         self.last_timing: list[PassTiming] = []
         kernels.prepare({f.dtype for f in self.connectome.files})
+        if kernels.avx2_blas_on_avx512_cpu():
+            log.info(
+                "OpenBLAS uses its AVX2 kernels on this AVX-512 CPU; setting OPENBLAS_CORETYPE=SkylakeX "
+                "before starting makes functional mapping of many lesions faster"
+            )
 
     @property
     def connectome_label(self) -> str:
