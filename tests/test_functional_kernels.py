@@ -7,6 +7,7 @@ import pytest
 from numba.extending import get_cython_function_address
 from scipy import special, stats
 
+from lacuna.analysis import compiled_primitives
 from lacuna.analysis import functional_kernels as kernels
 from lacuna.analysis.functional_engine import R_MAX
 from lacuna.analysis.t_statistics import benjamini_hochberg, two_sided_p
@@ -45,7 +46,7 @@ def _map_group(stored: list, seeds: np.ndarray, valid_seeds: np.ndarray, start: 
     contiguous = [np.ascontiguousarray(timeseries) for timeseries in stored]
     addresses = np.array([timeseries.ctypes.data for timeseries in contiguous])
     workspace = kernels.new_workspace(n_timepoints, n_lesions, part_width)
-    kernels.map_group(contiguous[0], addresses, seeds, valid_seeds, start, stop, first, np.float32(R_MAX), sgemm or kernels.blas_sgemm(), totals, workspace, invalid)
+    kernels.map_group(contiguous[0], addresses, seeds, valid_seeds, start, stop, first, np.float32(R_MAX), sgemm or compiled_primitives.blas_sgemm(), totals, workspace, invalid)
     return totals, invalid
 
 
@@ -147,6 +148,6 @@ def test_avx2_blas_on_avx512_cpu_is_detected(tmp_path, monkeypatch, flags, archi
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n")
     libraries = [{"internal_api": "openblas", "architecture": architecture, "filepath": "x"}]
-    monkeypatch.setattr(kernels.threadpoolctl, "threadpool_info", lambda: libraries)
-    assert kernels.avx2_blas_on_avx512_cpu(str(cpuinfo)) is expected
-    assert kernels.avx2_blas_on_avx512_cpu(str(tmp_path / "missing")) is False
+    monkeypatch.setattr(compiled_primitives.threadpoolctl, "threadpool_info", lambda: libraries)
+    assert compiled_primitives.avx2_blas_on_avx512_cpu(str(cpuinfo)) is expected
+    assert compiled_primitives.avx2_blas_on_avx512_cpu(str(tmp_path / "missing")) is False

@@ -44,6 +44,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from lacuna.analysis import functional_kernels as kernels
+from lacuna.analysis.compiled_primitives import blas_sgemm
 from lacuna.analysis.t_statistics import benjamini_hochberg, two_sided_p
 from lacuna.io.functional_connectome import FunctionalConnectome
 
@@ -258,7 +259,7 @@ class _BlockMapper:
         self.n_timepoints = n_timepoints
         self.n_lesions = sums.shift.shape[0]
         self.part_width = part_width(self.n_lesions, n_timepoints)
-        self.sgemm = kernels.blas_sgemm()
+        self.sgemm = blas_sgemm()
         self.local = threading.local()
 
     def __call__(self, group: _Group, block: slice) -> np.ndarray:

@@ -1,10 +1,13 @@
-"""Compiled per-block kernels of functional lesion network mapping.
+"""Compiled kernels of functional lesion network mapping.
 
-numpy runs each element-wise step as a separate pass over memory; at the sizes of a
-connectome (hundreds of millions of values per subject) those passes, not the matrix
-product, would set the pace. These kernels, compiled with numba, fuse the steps that
-surround the float32 matrix product into one or two passes over data that is already in
-cache. They release the GIL, so the engine's threads run them in parallel.
+numpy runs each element-wise step as a separate pass over memory, and each call from
+Python costs microseconds; at the sizes of a connectome (hundreds of millions of values
+per subject) those, not the matrix product, would set the pace. Here one compiled call
+(:func:`map_group`) maps a block of voxels for a group of subjects: it works through
+the block in parts small enough to stay in cache, widens and centres the stored values
+in one pass, calls BLAS ``sgemm`` directly, and turns the products into Fisher z and
+running sums in one more pass. The kernels release the GIL, so the engine's threads run
+them in parallel. The statistics across subjects (t, p, FDR) have kernels here too.
 
 float16 connectomes are read as their raw bits (``uint16``) and widened here: numba has
 no float16 type, and numpy's own conversion costs more than the rest of a block.
@@ -12,58 +15,23 @@ no float16 type, and numpy's own conversion costs more than the rest of a block.
 
 from __future__ import annotations
 
-import ctypes
 import math
 
 import numba
 import numpy as np
-import threadpoolctl
-from llvmlite import ir
 from numba import types
-from numba.core import cgutils
-from numba.extending import get_cython_function_address, intrinsic, overload
+from numba.extending import overload
 
-
-def _compile(function):
-    """``numba.njit`` without the GIL, cached on disk when numba finds a writable place
-    (``NUMBA_CACHE_DIR``, the package's ``__pycache__`` or the user's cache); compiled
-    at first use otherwise."""
-    try:
-        return numba.njit(nogil=True, cache=True, error_model="numpy")(function)
-    except RuntimeError:  # no writable cache location (read-only install, no HOME)
-        return numba.njit(nogil=True, error_model="numpy")(function)
-
-
-@intrinsic
-def _half_to_single(typingctx, bits):
-    """The float16 value whose bits are ``bits`` (uint16), widened to float32: one
-    ``fpext`` instruction, which LLVM vectorises (``vcvtph2ps`` on x86 with F16C)."""
-    if bits != types.uint16:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
-
-
-@intrinsic
-def _prefetch(typingctx, array, index):
-    """Hint the CPU to fetch ``array[index]`` into cache (``llvm.prefetch``)."""
-    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-        int32 = ir.IntType(32)
-        function_type = ir.FunctionType(ir.VoidType(), [address.type, int32, int32, int32])
-        function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0")
-        # read, keep in all cache levels, data
-        builder.call(function, [address, ir.Constant(int32, 0), ir.Constant(int32, 3), ir.Constant(int32, 1)])
-        return context.get_dummy_value()
-
-    return types.void(array, index), codegen
+from lacuna.analysis.compiled_primitives import (
+    array_like,
+    binary_exponent,
+    blas_sgemm,
+    call_sgemm,
+    compile_kernel,
+    half_to_single,
+    prefetch,
+    reduced_mantissa,
+)
 
 
 #: Rows of a block fetched ahead of use: the rows of a block are far apart in memory,
@@ -78,7 +46,7 @@ def _prefetch_row(timeseries, t, start, width):
         row = timeseries[t]
         stop = min(start + width, row.size)
         for index in range(start, stop, 64 // row.itemsize):
-            _prefetch(row, index)
+            prefetch(row, index)
 
 
 def _stored_value(row, j):
@@ -92,11 +60,11 @@ def _stored_value_for(row, j):
     # Chosen by the stored type when the kernel is compiled, so that the loops carry
     # no branch and vectorise.
     if row.dtype == types.uint16:
-        return lambda row, j: _half_to_single(row[j])
+        return lambda row, j: half_to_single(row[j])
     return lambda row, j: np.float32(row[j])
 
 
-@_compile
+@compile_kernel
 def _load_row(row, out):
     """Copy one row of stored values (float32, or uint16 float16 bits) into float32
     ``out``."""
@@ -104,7 +72,7 @@ def _load_row(row, out):
         out[j] = _stored_value(row, j)
 
 
-@_compile
+@compile_kernel
 def gather_columns(timeseries, columns, out):
     """Copy the voxel ``columns`` of one subject into float32 ``out`` (T x n), row by
     row (each row of the stored array is read once, in column order)."""
@@ -115,7 +83,7 @@ def gather_columns(timeseries, columns, out):
             target[i] = _stored_value(row, columns[i])
 
 
-@_compile
+@compile_kernel
 def weighted_sums(timeseries, columns, owners, weights, out):
     """Weighted sums of voxel columns per seed: ``out[t, l] = sum of weights[i] *
     timeseries[t, columns[i]]`` over the i with ``owners[i] == l`` (float64).
@@ -133,49 +101,10 @@ def weighted_sums(timeseries, columns, owners, weights, out):
         for i in range(columns.size):
             column, owner, weight = columns[i], owners[i], weights[i]
             for dt in range(ahead):
-                _prefetch(timeseries[t0 + rows + dt], column)
+                prefetch(timeseries[t0 + rows + dt], column)
             for dt in range(rows):
                 value = _stored_value(timeseries[t0 + dt], column)
                 out[t0 + dt, owner] += weight * np.float64(value)
-
-
-@intrinsic
-def _binary_exponent(typingctx, value):
-    """k such that ``value / 2**k`` lies in [sqrt(1/2), sqrt(2)), as float32, for a
-    positive normal float32 ``value`` (integer operations on its bits, which
-    vectorise)."""
-    if value != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.sitofp(_split_float(builder, args[0])[0], ir.FloatType())
-
-    return types.float32(types.float32), codegen
-
-
-@intrinsic
-def _reduced_mantissa(typingctx, value):
-    """``value / 2**k``, in [sqrt(1/2), sqrt(2)), with k from :func:`_binary_exponent`."""
-    if value != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return _split_float(builder, args[0])[1]
-
-    return types.float32(types.float32), codegen
-
-
-_SQRT_HALF_BITS = int(np.float32(math.sqrt(0.5)).view(np.int32))
-
-
-def _split_float(builder, value):
-    """LLVM IR: (k, value / 2**k) with value / 2**k in [sqrt(1/2), sqrt(2)): the
-    exponent is read from the bits of value relative to those of sqrt(1/2)."""
-    int32 = ir.IntType(32)
-    bits = builder.bitcast(value, int32)
-    exponent = builder.ashr(builder.sub(bits, ir.Constant(int32, _SQRT_HALF_BITS)), ir.Constant(int32, 23))
-    mantissa = builder.sub(bits, builder.shl(exponent, ir.Constant(int32, 23)))
-    return exponent, builder.bitcast(mantissa, ir.FloatType())
 
 
 #: log(1 + f) = f - f**2 / 2 + f**3 * (c0 + c1 f + ... + c7 f**7) for sqrt(1/2) <= 1 + f
@@ -208,21 +137,21 @@ def fisher_z(r):
     c0, c1, c2, c3, c4, c5, c6, c7 = _LOG1P_COEFFICIENTS
     inverse = _ONE / (_ONE - r)
     quotient = (_ONE + r) * inverse
-    exponent = _binary_exponent(quotient)
-    f = _reduced_mantissa(quotient) - _ONE if exponent != 0 else (r + r) * inverse
+    exponent = binary_exponent(quotient)
+    f = reduced_mantissa(quotient) - _ONE if exponent != 0 else (r + r) * inverse
     f2 = f * f
     tail = ((((((c7 * f + c6) * f + c5) * f + c4) * f + c3) * f + c2) * f + c1) * f + c0
     return _HALF * (exponent * _LN2 + (f - _HALF * f2 + f2 * f * tail))
 
 
-@_compile
+@compile_kernel
 def fisher_z_array(r, out):
     """:func:`fisher_z` of every element of the float32 ``r`` into ``out``."""
     for i in range(r.size):
         out[i] = fisher_z(r[i])
 
 
-@_compile
+@compile_kernel
 def _centre_part(timeseries, start, width, centred, inverse_norms, means):
     """One pass over the voxel columns ``start : start + width`` of one subject.
 
@@ -251,7 +180,7 @@ def _centre_part(timeseries, start, width, centred, inverse_norms, means):
     _finish_norms(sums, squares, n_timepoints, inverse_norms, means)
 
 
-@_compile
+@compile_kernel
 def _finish_norms(sums, squares, n_timepoints, inverse_norms, means):
     """Means and inverse centred norms from the sums of d and d**2 over timepoints."""
     width = sums.size
@@ -264,7 +193,7 @@ def _finish_norms(sums, squares, n_timepoints, inverse_norms, means):
         inverse_norms[j] = np.float32(1.0 / math.sqrt(squares[j])) if valid else np.float32(0.0)
 
 
-@_compile
+@compile_kernel
 def _correlate_part(timeseries, start, width, seeds, products, inverse_norms, means, first, rows):
     """For a few seeds: ``products[l, j] = seeds[l] . d`` with d as in
     :func:`_centre_part`, with the means and inverse norms, in one pass over the stored
@@ -375,82 +304,6 @@ def _accumulate_fisher_z(products, width, inverse_norms, means, seed_sums, valid
             squares[j] += d * d
 
 
-def _sgemm_caller(integer_bits: int):
-    """An intrinsic calling the BLAS ``sgemm`` at a given address (Fortran interface,
-    every argument by reference, integers of ``integer_bits``) for column-major
-    ``c (m x n) = a (m x k) @ b (k x n)``; the leading dimensions are in elements."""
-
-    @intrinsic
-    def call_sgemm(typingctx, address, m, n, k, a, lda, b, ldb, c, ldc):
-        arrays = (a, b, c)
-        if not all(isinstance(x, types.Array) and x.dtype == types.float32 for x in arrays):
-            return None
-
-        def codegen(context, builder, signature, args):
-            integer_type, float32 = ir.IntType(integer_bits), ir.FloatType()
-            char = ir.IntType(8)
-
-            def by_reference(kind, value):
-                slot = cgutils.alloca_once(builder, kind)
-                builder.store(value, slot)
-                return slot
-
-            def integer(index):
-                value = args[index]
-                if value.type.width > integer_bits:
-                    value = builder.trunc(value, integer_type)
-                elif value.type.width < integer_bits:
-                    value = builder.sext(value, integer_type)
-                return by_reference(integer_type, value)
-
-            def data(index):
-                return context.make_array(signature.args[index])(context, builder, args[index]).data
-
-            no_transpose = by_reference(char, ir.Constant(char, ord("N")))
-            one, zero = by_reference(float32, ir.Constant(float32, 1.0)), by_reference(float32, ir.Constant(float32, 0.0))
-            arguments = [no_transpose, no_transpose, integer(1), integer(2), integer(3), one, data(4), integer(5)]
-            arguments += [data(6), integer(7), zero, data(8), integer(9)]
-            function_type = ir.FunctionType(ir.VoidType(), [x.type for x in arguments])
-            builder.call(builder.inttoptr(args[0], function_type.as_pointer()), arguments)
-            return context.get_dummy_value()
-
-        return types.void(types.intp, types.intp, types.intp, types.intp, a, types.intp, b, types.intp, c, types.intp), codegen
-
-    return call_sgemm
-
-
-_sgemm_lp64 = _sgemm_caller(32)
-_sgemm_ilp64 = _sgemm_caller(64)
-
-
-@numba.njit(inline="always")
-def _sgemm(sgemm, m, n, k, a, lda, b, ldb, c, ldc):
-    """Call the BLAS ``sgemm`` described by ``sgemm`` (:func:`blas_sgemm`)."""
-    if sgemm[1] == 64:
-        _sgemm_ilp64(sgemm[0], m, n, k, a, lda, b, ldb, c, ldc)
-    else:
-        _sgemm_lp64(sgemm[0], m, n, k, a, lda, b, ldb, c, ldc)
-
-
-@intrinsic
-def _pointer_like(typingctx, array, address):
-    """``address`` as a pointer to ``array``'s element type."""
-    if not isinstance(array, types.Array) or not isinstance(address, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[1], context.get_value_type(array.dtype).as_pointer())
-
-    return types.CPointer(array.dtype)(array, address), codegen
-
-
-@numba.njit(inline="always")
-def _array_like(array, address):
-    """The C-contiguous array of ``array``'s shape and type whose data is at
-    ``address``."""
-    return numba.carray(_pointer_like(array, address), array.shape)
-
-
 #: Voxels the one-pass kernel (a few seeds) takes at a time: its running sums then
 #: stay in the L1 cache.
 DIRECT_PART = 1024
@@ -460,7 +313,7 @@ DIRECT_PART = 1024
 DIRECT_MAX_LESIONS = 4
 
 
-@_compile
+@compile_kernel
 def map_group(first_subject, addresses, seeds, valid_seeds, start, stop, first_group, limit, sgemm, totals, workspace, invalid):
     """Fold the Fisher z of a group of subjects for voxels ``start : stop`` into the
     running sums.
@@ -517,15 +370,15 @@ def map_group(first_subject, addresses, seeds, valid_seeds, start, stop, first_g
         if not first_group:
             part_shift[:, :width] = shift_total[:, part_start : part_start + width]
         for g in range(n_subjects):
-            timeseries = _array_like(first_subject, addresses[g])
+            timeseries = array_like(first_subject, addresses[g])
             if g + 1 < n_subjects:  # the next subject's first rows, while this one computes
                 for t in range(_ROWS_AHEAD):
-                    _prefetch_row(_array_like(first_subject, addresses[g + 1]), t, part_start, width)
+                    _prefetch_row(array_like(first_subject, addresses[g + 1]), t, part_start, width)
             if direct:
                 _correlate_part(timeseries, part_start, width, seeds[g], products, inverse_norms, means, first, rows)
             else:
                 _centre_part(timeseries, part_start, width, centred, inverse_norms, means)
-                _sgemm(sgemm, width, n_lesions, n_timepoints, centred, part_width, seeds[g], n_timepoints, products, part_width)
+                call_sgemm(sgemm, width, n_lesions, n_timepoints, centred, part_width, seeds[g], n_timepoints, products, part_width)
             set_shift = first_group and g == 0
             _accumulate_fisher_z(products, width, inverse_norms, means, seed_sums[g], valid_seeds[g], limit, set_shift, part_shift, part_dz, part_dz2)
             for j in range(width):
@@ -540,7 +393,7 @@ def map_group(first_subject, addresses, seeds, valid_seeds, start, stop, first_g
                 squares[j] += part_dz2[lesion, j]
 
 
-@_compile
+@compile_kernel
 def t_statistics(shift, sum_dz, sum_dz2, counts, mean, t, abs_t, defined):
     """Mean z and one-sample t of one lesion from its shifted sums.
 
@@ -572,7 +425,7 @@ def t_statistics(shift, sum_dz, sum_dz2, counts, mean, t, abs_t, defined):
         abs_t[j] = abs(t_value)
 
 
-@_compile
+@compile_kernel
 def scatter(values, indices, fill, out):
     """``out[:] = fill``, then ``out[indices[i]] = values[i]`` (a volume from values in
     the brain mask, in two passes and without the GIL)."""
@@ -581,7 +434,7 @@ def scatter(values, indices, fill, out):
         out[indices[i]] = values[i]
 
 
-@_compile
+@compile_kernel
 def cubic_hermite(x, step, values, slopes, out):
     """Evaluate the cubic Hermite interpolant through knots ``k * step`` with the given
     ``values`` and ``slopes`` at each ``x`` (0 <= x <= (len(values) - 1) * step; beyond,
@@ -601,7 +454,7 @@ def cubic_hermite(x, step, values, slopes, out):
         )
 
 
-@_compile
+@compile_kernel
 def rank_keys(p, keys):
     """Sort keys for non-negative float64 ``p``: the bits of p (which order like p)
     with the index in their lowest bits, so that sorting the keys as integers (a
@@ -614,7 +467,7 @@ def rank_keys(p, keys):
     return shift
 
 
-@_compile
+@compile_kernel
 def step_up_adjust(p, sorted_keys, shift, out):
     """Benjamini-Hochberg step-up: with ``order`` the indices in ``sorted_keys`` (see
     :func:`rank_keys`), ``out[order[k]]`` = min over ranks j >= k of
@@ -655,44 +508,6 @@ def prepare(stored_dtypes) -> None:
     cubic_hermite(vector, 0.5, vector, vector, np.empty(4))
     keys = np.empty(4, dtype=np.uint64)
     step_up_adjust(vector, keys, rank_keys(vector, keys), np.empty(4))
-
-
-def blas_sgemm() -> tuple[int, int]:
-    """The BLAS ``sgemm`` for :func:`map_group`: (address, bits of its integers).
-
-    numpy's own OpenBLAS when it can be found (the library behind ``numpy.matmul``,
-    64-bit integers; measured 12% faster on our product than the copy bundled with
-    scipy), otherwise scipy's public ``cython_blas`` (32-bit integers).
-    """
-    for library in threadpoolctl.threadpool_info():
-        if library.get("internal_api") != "openblas" or "numpy" not in library.get("filepath", ""):
-            continue
-        try:
-            function = getattr(ctypes.CDLL(library["filepath"]), "scipy_sgemm_64_")
-        except (OSError, AttributeError):
-            break
-        return ctypes.cast(function, ctypes.c_void_p).value, 64
-    return get_cython_function_address("scipy.linalg.cython_blas", "sgemm"), 32
-
-
-#: CPU flags OpenBLAS's AVX-512 ("SkylakeX") kernels need.
-_AVX512_FLAGS = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
-
-
-def avx2_blas_on_avx512_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether numpy's OpenBLAS runs its AVX2 kernels on a CPU that has AVX-512 (as on
-    AMD Zen 5, which current OpenBLAS releases do not recognise); setting
-    ``OPENBLAS_CORETYPE=SkylakeX`` then speeds up the matrix product."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in open(cpuinfo) if line.startswith("flags")), [])
-    except OSError:
-        return False
-    if not _AVX512_FLAGS <= set(flags):
-        return False
-    return any(
-        library.get("internal_api") == "openblas" and library.get("architecture") in ("Haswell", "Zen")
-        for library in threadpoolctl.threadpool_info()
-    )
 
 
 def new_workspace(n_timepoints: int, n_lesions: int, part_width: int) -> tuple[np.ndarray, ...]:

@@ -46,6 +46,7 @@ import numpy as np
 
 from lacuna.analysis import functional_kernels as kernels
 from lacuna.analysis.base import BatchAnalysis, mask_on_grid, voxel_maps_to_space
+from lacuna.analysis.compiled_primitives import avx2_blas_on_avx512_cpu
 from lacuna.analysis.functional_engine import (
     MAX_GROUP,
     R_MAX,
@@ -154,7 +155,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
         self.return_in_input_space = return_in_input_space
         self.last_timing: list[PassTiming] = []
         kernels.prepare({f.dtype for f in self.connectome.files})
-        if kernels.avx2_blas_on_avx512_cpu():
+        if avx2_blas_on_avx512_cpu():
             log.info(
                 "OpenBLAS uses its AVX2 kernels on this AVX-512 CPU; setting OPENBLAS_CORETYPE=SkylakeX "
                 "before starting makes functional mapping of many lesions faster"
