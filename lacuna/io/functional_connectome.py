@@ -152,13 +152,6 @@ class FunctionalConnectome:
         """Flat (C-order) index in the mask volume of each column of the timeseries."""
         return np.ravel_multi_index(tuple(self.mask_indices), self.mask_shape)
 
-    def to_volume(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        """Scatter per-voxel ``values`` (..., n_voxels) into volumes (..., X, Y, Z)."""
-        leading = values.shape[:-1]
-        volume = np.full(leading + (int(np.prod(self.mask_shape)),), fill, dtype=np.float32)
-        volume[..., self.flat_indices] = values
-        return volume.reshape(leading + tuple(self.mask_shape))
-
     def iter_subjects(self, prefetch: int = 2, prepare=None, hold: int = 1) -> Iterator:
         """Yield each subject's raw timeseries (n_timepoints, n_voxels), in order.
 
