@@ -307,3 +307,27 @@ def test_registry_persists_and_survives_a_moved_cache(tmp_path, monkeypatch):
     lesion = _lesion(tmp_path, "A", LESION_A)
     result = FunctionalNetworkMapping("Tiny").run(lesion)
     assert result.results["FunctionalNetworkMapping"]["Tiny_n_subjects"].value == 4
+
+
+def test_mapped_reader_asks_the_kernel_to_read_ahead(tmp_path, monkeypatch):
+    """While a subject is faulted in, the disk is asked (MADV_WILLNEED) for a later one;
+    the subjects still come out exactly as stored."""
+    import mmap
+
+    from lacuna.io import functional_connectome as reader
+
+    data = _timeseries(6, 24, seed=5)
+    _write(tmp_path / "c.h5", data)
+    advice = []
+    real_madvise = reader._madvise
+
+    def recording_madvise(mapped, start, length, how):
+        advice.append((start, how))
+        return real_madvise(mapped, start, length, how)
+
+    monkeypatch.setattr(reader, "_madvise", recording_madvise)
+    subjects = [s.copy() for s in FunctionalConnectome.open(tmp_path / "c.h5").iter_subjects()]
+    np.testing.assert_array_equal(np.stack(subjects), data.astype(np.float32))
+    ahead = [start for start, how in advice if how == mmap.MADV_WILLNEED]
+    assert len(ahead) == 6 - reader._READ_AHEAD
+    assert ahead == sorted(ahead) and len(set(ahead)) == len(ahead)

@@ -245,6 +245,11 @@ def _mappable_offsets(dataset: h5py.Dataset) -> list[int] | None:
 _MADV_POPULATE_READ = 22
 
 
+#: Subjects ahead of the one being faulted in for which the kernel is asked to start
+#: reading (asynchronously), so that reading from the disk overlaps faulting in.
+_READ_AHEAD = 2
+
+
 def _mapped_subjects(
     path: Path, offsets: list[int], shape: tuple[int, int], dtype: np.dtype, keep: int, run: int
 ) -> Iterator[np.ndarray]:
@@ -263,7 +268,10 @@ def _mapped_subjects(
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     whole = np.frombuffer(mapping, dtype=np.uint8)  # also keeps the mapping alive
     handed_over: list[int] = []
-    for offset in offsets:
+    for index, offset in enumerate(offsets):
+        if index + _READ_AHEAD < len(offsets):  # the disk starts on a later subject meanwhile
+            later = offsets[index + _READ_AHEAD]
+            _madvise(whole, later - later % page, nbytes + later % page, mmap.MADV_WILLNEED)
         start = offset - offset % page
         _populate(whole, start, offset + nbytes - start)
         yield whole[offset : offset + nbytes].view(dtype).reshape(shape)
