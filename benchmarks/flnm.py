@@ -39,6 +39,7 @@ from pathlib import Path
 import h5py
 import numba
 import numpy as np
+import threadpoolctl
 
 from lacuna.analysis.functional_engine import worker_threads
 from lacuna.core.spaces import standard_grid
@@ -182,8 +183,6 @@ def measured_sgemm_rate(timepoints: int, lesions: int, voxels: int) -> float:
 def blas_kernels() -> str:
     """Which BLAS (and OpenBLAS kernel set) numpy's matmul uses: the analysis calls the
     same library, so the bound and the analysis share it."""
-    import threadpoolctl
-
     for library in threadpoolctl.threadpool_info():
         if library.get("user_api") == "blas" and "numpy" in library.get("filepath", ""):
             return f"{library['internal_api']} {library.get('version')} {library.get('architecture', '')}".strip()

@@ -42,7 +42,26 @@ class Recorded:
     extra: dict = field(default_factory=dict)
 
 
-class FakeServer:
+class _LocalServer:
+    """An HTTP server on 127.0.0.1 that serves on a background thread while used as a
+    context manager."""
+
+    def _serve(self, handler) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FakeServer(_LocalServer):
     """A scripted local HTTP server (use as a context manager)."""
 
     def __init__(self):
@@ -63,10 +82,7 @@ class FakeServer:
             def do_HEAD(self):
                 server.handle(self, "HEAD")
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._serve(Handler)
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -175,16 +191,7 @@ class FakeServer:
         handler.wfile.write(body)
         record.sent = len(body)
 
-    def __enter__(self) -> FakeServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class FolderServer:
+class FolderServer(_LocalServer):
     """Serve a folder on 127.0.0.1 (use as a context manager); ``url`` is its base URL
     and ``paths`` the paths requested."""
 
@@ -200,17 +207,8 @@ class FolderServer:
                 server.paths.append(self.path)
                 super().do_GET()
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self) -> FolderServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._serve(functools.partial(Handler, directory=str(folder)))
+        self.url = f"http://127.0.0.1:{self.port}"
 
 
 def md5(data: bytes) -> str:

@@ -14,6 +14,7 @@ the old code.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 
 import numba
@@ -183,12 +184,14 @@ def call_sgemm(function, m, n, k, a, lda, b, ldb, c, ldc):
         _sgemm_lp64(function[0], m, n, k, a, lda, b, ldb, c, ldc)
 
 
+@functools.cache
 def blas_sgemm() -> tuple[int, int]:
     """The BLAS ``sgemm`` for :func:`call_sgemm`: (address, bits of its integers).
 
     numpy's own OpenBLAS when it can be found (the library behind ``numpy.matmul``,
     64-bit integers; measured 12% faster on our product than the copy bundled with
-    scipy), otherwise scipy's public ``cython_blas`` (32-bit integers).
+    scipy), otherwise scipy's public ``cython_blas`` (32-bit integers). Looked up once
+    per process.
     """
     for library in threadpoolctl.threadpool_info():
         if library.get("internal_api") != "openblas" or "numpy" not in library.get("filepath", ""):
