@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import h5py
 import nibabel as nib
@@ -309,25 +310,35 @@ def test_registry_persists_and_survives_a_moved_cache(tmp_path, monkeypatch):
     assert result.results["FunctionalNetworkMapping"]["Tiny_n_subjects"].value == 4
 
 
-def test_mapped_reader_asks_the_kernel_to_read_ahead(tmp_path, monkeypatch):
-    """While a subject is faulted in, the disk is asked (MADV_WILLNEED) for a later one;
-    the subjects still come out exactly as stored."""
+def test_mapped_reader_faults_subjects_in_ahead_on_huge_pages(tmp_path, monkeypatch):
+    """The mapping is advised to use huge pages; a helper thread faults each subject in
+    before it is handed over; the subjects still come out exactly as stored."""
     import mmap
 
     from lacuna.io import functional_connectome as reader
 
     data = _timeseries(6, 24, seed=5)
     _write(tmp_path / "c.h5", data)
-    advice = []
-    real_madvise = reader._madvise
+    advice, faulted = [], []
+    real_madvise, real_populate = reader._madvise, reader._populate
 
     def recording_madvise(mapped, start, length, how):
-        advice.append((start, how))
+        advice.append((start, length, how))
         return real_madvise(mapped, start, length, how)
 
+    def recording_populate(mapped, start, length):
+        real_populate(mapped, start, length)
+        faulted.append((start, threading.current_thread().name))
+
     monkeypatch.setattr(reader, "_madvise", recording_madvise)
-    subjects = [s.copy() for s in FunctionalConnectome.open(tmp_path / "c.h5").iter_subjects()]
+    monkeypatch.setattr(reader, "_populate", recording_populate)
+    subjects, faulted_when_handed_over = [], []
+    for timeseries in FunctionalConnectome.open(tmp_path / "c.h5").iter_subjects(prefetch=1):
+        faulted_when_handed_over.append(len(faulted))
+        subjects.append(timeseries.copy())
     np.testing.assert_array_equal(np.stack(subjects), data.astype(np.float32))
-    ahead = [start for start, how in advice if how == mmap.MADV_WILLNEED]
-    assert len(ahead) == 6 - reader._READ_AHEAD
-    assert ahead == sorted(ahead) and len(set(ahead)) == len(ahead)
+    assert advice[0][0] == 0 and advice[0][2] == mmap.MADV_HUGEPAGE  # the whole file, first
+    starts = [start for start, _ in faulted]
+    assert starts == sorted(starts) and len(set(starts)) == 6  # each subject once, in order
+    assert all(name.startswith("connectome-fault") for _, name in faulted)
+    assert all(count >= index + 1 for index, count in enumerate(faulted_when_handed_over))

@@ -51,7 +51,7 @@ def _map_group(stored: list, seeds: np.ndarray, valid_seeds: np.ndarray, start: 
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("n_lesions", [2, 7])  # one-pass products; centring and sgemm
+@pytest.mark.parametrize("n_lesions", [1, 2, 7])  # one-pass products (one seed, a few); centring and sgemm
 def test_map_group_sums_match_numpy(dtype, n_lesions):
     rng = np.random.default_rng(0)
     n_subjects, n_timepoints, n_voxels, start, stop = 5, 50, 700, 100, 650
@@ -60,8 +60,8 @@ def test_map_group_sums_match_numpy(dtype, n_lesions):
     data[2, 7, 105] = np.nan  # invalid in one subject
     seeds = np.stack([_unit_seeds(rng, n_lesions, n_timepoints) for _ in range(n_subjects)])
     valid_seeds = np.ones((n_subjects, n_lesions), dtype=bool)
-    valid_seeds[3, 1] = False
-    seeds[3, 1] = 0.0
+    valid_seeds[3, -1] = False
+    seeds[3, -1] = 0.0
     stored = [d.view(np.uint16) if dtype == np.float16 else d for d in data]
 
     # Two groups (first sets the shift), parts that do not divide the voxel range.

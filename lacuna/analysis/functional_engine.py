@@ -66,6 +66,11 @@ DIRECT_MAX_LESIONS = kernels.DIRECT_MAX_LESIONS
 #: about a core's L2 cache on current x86 servers (1-2 MiB; measured best of 0.25-2 MiB).
 PART_BYTES = 1 << 20
 
+#: Parts per thread, and most voxels per part, for a single seed (measured best of
+#: 18k-64k voxels per part on a 1 MiB L2 cache).
+SINGLE_SEED_PARTS = 4
+SINGLE_SEED_MAX_PART = 65536
+
 _LIMIT = np.float32(R_MAX)
 
 
@@ -75,10 +80,18 @@ def worker_threads() -> int:
     return max(1, int(value)) if value else max(1, len(os.sched_getaffinity(0)))
 
 
-def part_width(n_lesions: int, n_timepoints: int) -> int:
-    """Voxels per part of a block: :data:`PART_BYTES` of working set, a multiple of 16
-    (one AVX-512 register of float32), at most
-    :data:`~lacuna.analysis.functional_kernels.DIRECT_PART` for the one-pass way."""
+def part_width(n_lesions: int, n_timepoints: int, n_voxels: int, threads: int) -> int:
+    """Voxels per part of a block, a multiple of 16 (one AVX-512 register of float32).
+
+    A single seed is mapped in long parts (about :data:`SINGLE_SEED_PARTS` per thread):
+    each timepoint is then read as a long run of memory, which the hardware prefetcher
+    follows. A few seeds take :data:`~lacuna.analysis.functional_kernels.DIRECT_PART`
+    voxels at a time; more take :data:`PART_BYTES` of working set for the matrix
+    product.
+    """
+    if n_lesions == 1:
+        per_part = -(-n_voxels // (SINGLE_SEED_PARTS * threads))
+        return int(np.clip(-(-per_part // 16) * 16, 16, SINGLE_SEED_MAX_PART))
     if n_lesions <= DIRECT_MAX_LESIONS:
         return kernels.DIRECT_PART
     per_voxel = 4 * (n_timepoints + 4 * n_lesions + 4)
@@ -257,8 +270,8 @@ class _BlockMapper:
     def __init__(self, sums: FisherZSums, n_timepoints: int):
         self.totals = (sums.shift, sums.sum_dz, sums.sum_dz2)
         self.n_timepoints = n_timepoints
-        self.n_lesions = sums.shift.shape[0]
-        self.part_width = part_width(self.n_lesions, n_timepoints)
+        self.n_lesions, n_voxels = sums.shift.shape
+        self.part_width = part_width(self.n_lesions, n_timepoints, n_voxels, worker_threads())
         self.sgemm = blas_sgemm()
         self.local = threading.local()
 

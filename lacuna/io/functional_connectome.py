@@ -26,7 +26,9 @@ import mmap
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -244,10 +246,13 @@ def _mappable_offsets(dataset: h5py.Dataset) -> list[int] | None:
 #: (Linux >= 5.14); Python does not name it.
 _MADV_POPULATE_READ = 22
 
+#: madvise(2) advice to back a range with transparent huge pages (Linux only).
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
-#: Subjects ahead of the one being faulted in for which the kernel is asked to start
-#: reading (asynchronously), so that reading from the disk overlaps faulting in.
-_READ_AHEAD = 2
+
+#: Subjects beyond the one being handed over that a helper thread faults in meanwhile,
+#: so that reading from the disk never waits for the consumer.
+_FAULT_AHEAD = 2
 
 
 def _mapped_subjects(
@@ -256,33 +261,46 @@ def _mapped_subjects(
     """Subjects as read-only arrays over one mapping of the whole file.
 
     Each subject's pages are faulted in before it is handed over, so the consumer never
-    waits on the disk. Pages of subjects handed over more than ``keep`` subjects ago are
-    dropped from the mapping (not from the page cache) in runs of ``run`` subjects, so
-    the process holds at most ``keep + run`` subjects at a time; dropping is batched
+    waits on the disk; a helper thread faults in up to :data:`_FAULT_AHEAD` subjects
+    ahead. The mapping is advised to use huge pages (``MADV_HUGEPAGE``): the kernel then
+    reads the file in 2 MiB folios and maps each with one page-table entry, which makes
+    faulting in nearly free once the file is cached (measured: 0.005 s instead of
+    0.1-0.3 s of CPU for 6.9 GB). (Asking the kernel to read ahead with
+    ``MADV_WILLNEED`` instead would fill the page cache with 4 KiB pages.)
+
+    Pages of subjects handed over more than ``keep`` subjects ago are dropped from the
+    mapping (not from the page cache) in runs of ``run`` subjects, so the process maps
+    at most ``keep + run + _FAULT_AHEAD`` subjects at a time; dropping is batched
     because each drop interrupts every thread of the process to flush its TLB.
     """
-    count = shape[0] * shape[1]
-    nbytes = count * dtype.itemsize
+    nbytes = shape[0] * shape[1] * dtype.itemsize
     page = mmap.PAGESIZE
     with open(path, "rb") as handle:
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     whole = np.frombuffer(mapping, dtype=np.uint8)  # also keeps the mapping alive
-    handed_over: list[int] = []
-    for index, offset in enumerate(offsets):
-        if index + _READ_AHEAD < len(offsets):  # the disk starts on a later subject meanwhile
-            later = offsets[index + _READ_AHEAD]
-            _madvise(whole, later - later % page, nbytes + later % page, mmap.MADV_WILLNEED)
+    if _MADV_HUGEPAGE is not None:  # refused, harmlessly, where THP is disabled
+        _madvise(whole, 0, whole.size - whole.size % page, _MADV_HUGEPAGE)
+
+    def fault_in(offset: int) -> None:
         start = offset - offset % page
         _populate(whole, start, offset + nbytes - start)
-        yield whole[offset : offset + nbytes].view(dtype).reshape(shape)
-        handed_over.append(offset)
-        if len(handed_over) >= keep + run:
-            released, handed_over = handed_over[:run], handed_over[run:]
-            first = min(released) - min(released) % page
-            last = max(released) + nbytes
-            last -= last % page  # a page shared with a subject still in use stays
-            if last > first:
-                _madvise(whole, first, last - first, mmap.MADV_DONTNEED)
+
+    handed_over: list[int] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="connectome-fault") as helper:
+        faulting = deque(helper.submit(fault_in, offset) for offset in offsets[: _FAULT_AHEAD + 1])
+        for index, offset in enumerate(offsets):
+            faulting.popleft().result()
+            if index + _FAULT_AHEAD + 1 < len(offsets):
+                faulting.append(helper.submit(fault_in, offsets[index + _FAULT_AHEAD + 1]))
+            yield whole[offset : offset + nbytes].view(dtype).reshape(shape)
+            handed_over.append(offset)
+            if len(handed_over) >= keep + run:
+                released, handed_over = handed_over[:run], handed_over[run:]
+                first = min(released) - min(released) % page
+                last = max(released) + nbytes
+                last -= last % page  # a page shared with a subject still in use stays
+                if last > first:
+                    _madvise(whole, first, last - first, mmap.MADV_DONTNEED)
 
 
 def _madvise(mapped: np.ndarray, start: int, length: int, advice: int) -> bool:
