@@ -320,7 +320,7 @@ def test_mapped_reader_faults_subjects_in_ahead_on_huge_pages(tmp_path, monkeypa
     data = _timeseries(6, 24, seed=5)
     _write(tmp_path / "c.h5", data)
     advice, faulted = [], []
-    real_madvise, real_populate = reader._madvise, reader._populate
+    real_madvise, real_populate = reader.madvise, reader._populate
 
     def recording_madvise(mapped, start, length, how):
         advice.append((start, length, how))
@@ -330,7 +330,7 @@ def test_mapped_reader_faults_subjects_in_ahead_on_huge_pages(tmp_path, monkeypa
         real_populate(mapped, start, length)
         faulted.append((start, threading.current_thread().name))
 
-    monkeypatch.setattr(reader, "_madvise", recording_madvise)
+    monkeypatch.setattr(reader, "madvise", recording_madvise)
     monkeypatch.setattr(reader, "_populate", recording_populate)
     subjects, faulted_when_handed_over = [], []
     for timeseries in FunctionalConnectome.open(tmp_path / "c.h5").iter_subjects(prefetch=1):

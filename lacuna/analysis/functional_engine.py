@@ -46,6 +46,7 @@ from threadpoolctl import threadpool_limits
 from lacuna.analysis import functional_kernels as kernels
 from lacuna.analysis.compiled_primitives import blas_sgemm
 from lacuna.analysis.t_statistics import benjamini_hochberg, two_sided_p
+from lacuna.core.memory import zeros_on_small_pages
 from lacuna.io.functional_connectome import FunctionalConnectome
 
 log = logging.getLogger(__name__)
@@ -141,10 +142,13 @@ class FisherZSums:
 
     @classmethod
     def zeros(cls, n_lesions: int, n_voxels: int) -> "FisherZSums":
+        """Empty sums, their memory faulted in now (see
+        :func:`~lacuna.core.memory.zeros_on_small_pages`)."""
+        shape = (n_lesions, n_voxels)
         return cls(
-            np.zeros((n_lesions, n_voxels), dtype=np.float32),
-            np.zeros((n_lesions, n_voxels)),
-            np.zeros((n_lesions, n_voxels)),
+            zeros_on_small_pages(shape, np.float32),
+            zeros_on_small_pages(shape, np.float64),
+            zeros_on_small_pages(shape, np.float64),
             excluded_seeds=np.zeros(n_lesions, dtype=np.int64),
         )
 

@@ -21,7 +21,6 @@ while the current ones are processed.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import queue
@@ -37,12 +36,12 @@ import h5py
 import numpy as np
 
 from lacuna.core.errors import ValidationError
+from lacuna.core.memory import MADV_HUGEPAGE, MADV_POPULATE_READ, madvise
 from lacuna.core.spaces import Grid, canonical_space
 
 FORMAT_VERSION = "1.0"
 _REQUIRED_DATASETS = ("timeseries", "mask_indices", "mask_affine")
 _REQUIRED_ATTRIBUTES = ("mask_shape", "space", "resolution")
-_LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 
 
 class ConnectomeFormatError(ValidationError):
@@ -242,14 +241,6 @@ def _mappable_offsets(dataset: h5py.Dataset) -> list[int] | None:
     return offsets
 
 
-#: madvise(2) advice that faults pages in without reading them into the process
-#: (Linux >= 5.14); Python does not name it.
-_MADV_POPULATE_READ = 22
-
-#: madvise(2) advice to back a range with transparent huge pages (Linux only).
-_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
-
-
 #: Subjects beyond the one being handed over that a helper thread faults in meanwhile,
 #: so that reading from the disk never waits for the consumer.
 _FAULT_AHEAD = 2
@@ -278,8 +269,7 @@ def _mapped_subjects(
     with open(path, "rb") as handle:
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     whole = np.frombuffer(mapping, dtype=np.uint8)  # also keeps the mapping alive
-    if _MADV_HUGEPAGE is not None:  # refused, harmlessly, where THP is disabled
-        _madvise(whole, 0, whole.size - whole.size % page, _MADV_HUGEPAGE)
+    madvise(whole, 0, whole.size - whole.size % page, MADV_HUGEPAGE)  # refused, harmlessly, without THP
 
     def fault_in(offset: int) -> None:
         start = offset - offset % page
@@ -300,20 +290,12 @@ def _mapped_subjects(
                 last = max(released) + nbytes
                 last -= last % page  # a page shared with a subject still in use stays
                 if last > first:
-                    _madvise(whole, first, last - first, mmap.MADV_DONTNEED)
-
-
-def _madvise(mapped: np.ndarray, start: int, length: int, advice: int) -> bool:
-    """madvise(2) on ``length`` bytes from ``start`` of a mapped array, through ctypes
-    so that the GIL is released meanwhile (Python's ``mmap.madvise`` holds it, which
-    would stall the threads computing for milliseconds at a time)."""
-    address = ctypes.c_void_p(mapped.ctypes.data + start)
-    return _LIBC.madvise(address, ctypes.c_size_t(length), ctypes.c_int(advice)) == 0
+                    madvise(whole, first, last - first, mmap.MADV_DONTNEED)
 
 
 def _populate(mapped: np.ndarray, start: int, length: int) -> None:
-    if not _madvise(mapped, start, length, _MADV_POPULATE_READ):  # kernel < 5.14
-        _madvise(mapped, start, length, mmap.MADV_WILLNEED)
+    if not madvise(mapped, start, length, MADV_POPULATE_READ):  # kernel < 5.14
+        madvise(mapped, start, length, mmap.MADV_WILLNEED)
         mapped[start : start + length : mmap.PAGESIZE].max()  # touch every page
 
 
