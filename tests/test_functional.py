@@ -342,3 +342,42 @@ def test_mapped_reader_faults_subjects_in_ahead_on_huge_pages(tmp_path, monkeypa
     assert starts == sorted(starts) and len(set(starts)) == 6  # each subject once, in order
     assert all(name.startswith("connectome-fault") for _, name in faulted)
     assert all(count >= index + 1 for index, count in enumerate(faulted_when_handed_over))
+
+
+def test_pass_with_many_blocks_and_groups_in_flight_matches_numpy(tmp_path, monkeypatch):
+    """The threads queue a group's blocks before the previous group's are done; each
+    block waits for its own block of the previous group. The first block of the first
+    group (whose first subject sets the shift) is held back, so that without that wait
+    the next group would overtake it."""
+    import time
+
+    from lacuna.analysis import functional_engine as engine
+
+    data = _timeseries(11, 30, seed=9)
+    connectome = FunctionalConnectome.open(_write(tmp_path / "c.h5", data))
+    columns = [np.arange(40, 60), np.arange(700, 705), np.arange(1500, 1540)]
+    monkeypatch.setenv("LACUNA_NUM_THREADS", "3")
+    monkeypatch.setattr(engine, "part_width", lambda *args: 64)  # 16 blocks of 128 voxels
+    mapped = engine._BlockMapper.__call__
+
+    def held_back(mapper, group, block):
+        if group.first and block.start == 0:
+            time.sleep(0.1)
+        return mapped(mapper, group, block)
+
+    monkeypatch.setattr(engine._BlockMapper, "__call__", held_back)
+    subject_bytes = data[0].astype(np.float32).nbytes
+    sums, _ = engine.stream_fisher_z(connectome, engine.SeedDefinition.means(columns), memory_bytes=2 * 3 * subject_bytes)
+
+    assert sums.n_subjects == 11
+    for lesion, lesion_columns in enumerate(columns):
+        z = []
+        for subject in data.astype(np.float32).astype(np.float64):
+            seed = subject[:, lesion_columns].mean(axis=1)
+            r = np.corrcoef(np.vstack([seed, subject.T]))[0, 1:]
+            z.append(np.arctanh(np.clip(r, -R_MAX, R_MAX)))
+        z = np.array(z)
+        np.testing.assert_allclose(sums.shift[lesion], z[0], atol=1e-5)
+        np.testing.assert_allclose(sums.shift[lesion] + sums.sum_dz[lesion] / 11, z.mean(axis=0), atol=1e-5)
+        deviations = z - sums.shift[lesion]
+        np.testing.assert_allclose(sums.sum_dz2[lesion], (deviations**2).sum(axis=0), atol=1e-4)

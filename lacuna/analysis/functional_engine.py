@@ -19,7 +19,9 @@ group:
 
 After the group, the partial sums are folded into float64 running sums. Grouping lets a
 part's sums stay in cache across the group's subjects instead of travelling to and from
-memory once per subject.
+memory once per subject. The blocks of the next group are queued before those of the
+current one finish (each waits only for its own block of the previous group), so the
+threads never wait for each other between groups.
 
 Nothing of size (subjects x voxels) is ever held; memory is the running sums and shift
 (20 bytes per lesion and voxel), the subjects in flight and small per-thread buffers. A
@@ -36,7 +38,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -106,10 +108,18 @@ def block_width(n_voxels: int, part: int, threads: int) -> int:
     return part * max(1, -(-parts // (8 * threads)))
 
 
+#: Groups of subjects held at a time: one being finished while the next one is mapped.
+GROUPS_IN_FLIGHT = 2
+
+#: Subjects the reader prepares ahead of the groups held: the groups being mapped keep
+#: the threads busy while it reads, so a few are enough.
+READ_AHEAD = 2
+
+
 def group_size(subject_bytes: int, memory_bytes: int) -> int:
-    """Subjects per group: up to :data:`MAX_GROUP`, with the group being computed and the
-    next one being read taking at most ``memory_bytes``."""
-    return int(np.clip(memory_bytes // max(2 * subject_bytes, 1), 1, MAX_GROUP))
+    """Subjects per group: up to :data:`MAX_GROUP`, with :data:`GROUPS_IN_FLIGHT` groups
+    taking at most ``memory_bytes``."""
+    return int(np.clip(memory_bytes // max(GROUPS_IN_FLIGHT * subject_bytes, 1), 1, MAX_GROUP))
 
 
 @dataclass
@@ -351,25 +361,59 @@ def stream_fisher_z(
     blocks = [slice(start, min(start + width, n_voxels)) for start in range(0, n_voxels, width)]
     size = group_size(n_timepoints * n_voxels * max(f.dtype.itemsize for f in connectome.files), memory_bytes)
     started = time.perf_counter()
-    subjects = connectome.iter_subjects(prefetch=max(size, 2), prepare=seeds.seeds, hold=size)
+    subjects = connectome.iter_subjects(prefetch=READ_AHEAD, prepare=seeds.seeds, hold=GROUPS_IN_FLIGHT * size)
+
+    def fold(mapping: _MappingGroup) -> None:
+        """Wait for a group's blocks, then count what it left out."""
+        invalid_voxels = np.concatenate([future.result() for future in mapping.blocks], axis=1)
+        for valid_seeds, invalid in zip(mapping.group.valid_seeds, invalid_voxels):
+            sums.count_left_out(~valid_seeds, invalid)
+            sums.n_subjects += 1
+            timing.flops += 2.0 * n_timepoints * n_lesions * n_voxels
+        timing.bytes_read += sum(timeseries.nbytes for timeseries in mapping.group.timeseries)
+        if progress:
+            progress(sums.n_subjects, connectome.n_subjects, time.perf_counter() - started)
+
     # Threads share the cores; BLAS must not spawn its own threads inside each of them.
     with ThreadPoolExecutor(max_workers=threads) as pool, threadpool_limits(1, user_api="blas"):
+        mapping: _MappingGroup | None = None
         waited = time.perf_counter()
         for members in _groups(subjects, size):
             timing.waiting_for_data += time.perf_counter() - waited
-            group = _Group.of(members, first=sums.n_subjects == 0)
-            invalid_voxels = np.concatenate(list(pool.map(mapper, [group] * len(blocks), blocks)), axis=1)
-            for valid_seeds, invalid in zip(group.valid_seeds, invalid_voxels):
-                sums.count_left_out(~valid_seeds, invalid)
-                sums.n_subjects += 1
-                timing.flops += 2.0 * n_timepoints * n_lesions * n_voxels
-            timing.bytes_read += sum(timeseries.nbytes for timeseries, _ in members)
-            del group, members  # release the subjects (and their file mappings)
-            if progress:
-                progress(sums.n_subjects, connectome.n_subjects, time.perf_counter() - started)
+            group = _Group.of(members, first=mapping is None)
+            del members
+            earlier = mapping.blocks if mapping else [None] * len(blocks)
+            started_group = _MappingGroup(group, [pool.submit(_map_after, before, mapper, group, block) for before, block in zip(earlier, blocks)])
+            if mapping:
+                fold(mapping)  # while the threads go on with the next group
+            mapping = started_group
             waited = time.perf_counter()
+        if mapping:
+            fold(mapping)
+        del mapping  # release the subjects (and their file mappings)
     timing.seconds = time.perf_counter() - started
     return sums, timing
+
+
+@dataclass
+class _MappingGroup:
+    """A group whose blocks have been handed to the threads."""
+
+    group: _Group
+    blocks: list[Future]  # each gives the block's invalid voxels per subject
+
+
+def _map_after(before: Future | None, mapper: _BlockMapper, group: _Group, block: slice) -> np.ndarray:
+    """Map ``block`` for ``group`` once the previous group is done with that block.
+
+    The sums of a block are folded group after group, so the next group's blocks can
+    be queued before the last blocks of the previous one finish: the threads never wait
+    for each other at the end of a group. (Tasks start in the order they were queued,
+    so ``before`` has started, or finished, by the time this one starts.)
+    """
+    if before is not None:
+        before.result()
+    return mapper(group, block)
 
 
 def _stored(timeseries: np.ndarray) -> np.ndarray:

@@ -48,6 +48,7 @@ from lacuna.analysis import functional_kernels as kernels
 from lacuna.analysis.base import BatchAnalysis, mask_on_grid, voxel_maps_to_space
 from lacuna.analysis.compiled_primitives import avx2_blas_on_avx512_cpu
 from lacuna.analysis.functional_engine import (
+    GROUPS_IN_FLIGHT,
     MAX_GROUP,
     R_MAX,
     PassTiming,
@@ -230,9 +231,10 @@ class FunctionalNetworkMapping(BatchAnalysis):
         return cost
 
     def _subjects_memory(self) -> int:
-        """Memory for connectome subjects in flight (a group and the next one)."""
+        """Memory for connectome subjects in flight (:data:`GROUPS_IN_FLIGHT` groups)."""
         subject_bytes = max(f.n_timepoints * self.connectome.n_voxels * f.dtype.itemsize for f in self.connectome.files)
-        return int(np.clip(self.memory_budget // 8, 2 * subject_bytes, 2 * MAX_GROUP * subject_bytes))
+        in_flight = GROUPS_IN_FLIGHT * subject_bytes
+        return int(np.clip(self.memory_budget // 8, in_flight, MAX_GROUP * in_flight))
 
     def _chunk_budget(self) -> int:
         return max(self.memory_budget - self._subjects_memory(), 0)

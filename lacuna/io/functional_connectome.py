@@ -184,7 +184,7 @@ class FunctionalConnectome:
                         dataset = handle["timeseries"]
                         offsets = _mappable_offsets(dataset)
                         if offsets is not None:
-                            keep, run = prefetch + hold + 1, max(1, hold // 2)
+                            keep, run = prefetch + hold + 1, max(1, hold // 4)
                             subjects = _mapped_subjects(batch.path, offsets, dataset.shape[1:], dataset.dtype, keep, run)
                         else:
                             subjects = _buffered_subjects(dataset, buffers=prefetch + hold + 1)
