@@ -13,19 +13,21 @@ from lacuna.core.memory import MADV_NOHUGEPAGE, madvise, zeros_on_small_pages
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise advice and /proc are Linux's")
 
 
-def _vma_flags(address: int) -> list[str]:
-    """The VmFlags of the mapping holding ``address``, from /proc/self/smaps."""
-    flags, inside = None, False
+def _vma(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping holding ``address``."""
+    fields, found = {}, False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             head = line.split()[0]
             if "-" in head and not head.endswith(":"):
+                if found:
+                    break
                 low, high = (int(part, 16) for part in head.split("-"))
-                inside = low <= address < high
-            elif inside and head == "VmFlags:":
-                flags = line.split()[1:]
-    assert flags is not None, "no mapping holds the address"
-    return flags
+                found = low <= address < high
+            elif found:
+                fields[head.rstrip(":")] = line.split(None, 1)[1].strip()
+    assert found, "no mapping holds the address"
+    return fields
 
 
 @linux_only
@@ -33,9 +35,11 @@ def test_zeros_on_small_pages_are_zero_resident_and_advised_off_huge_pages():
     array = zeros_on_small_pages((3, 2_000_000), np.float64)  # 48 MB: numpy would ask for huge pages
     assert array.shape == (3, 2_000_000) and array.dtype == np.float64
     assert not array.any()
-    middle = array.ctypes.data + array.nbytes // 2
-    assert "nh" in _vma_flags(middle)  # VM_NOHUGEPAGE
-    assert "hg" not in _vma_flags(middle)
+    mapping = _vma(array.ctypes.data + array.nbytes // 2)
+    flags = mapping["VmFlags"].split()
+    assert "nh" in flags and "hg" not in flags  # VM_NOHUGEPAGE, not VM_HUGEPAGE
+    assert mapping["Rss"] == mapping["Size"]  # every page already faulted in
+    assert int(mapping["Size"].split()[0]) * 1024 >= array.nbytes - 2 * mmap.PAGESIZE
 
 
 @linux_only
