@@ -151,3 +151,17 @@ def test_avx2_blas_on_avx512_cpu_is_detected(tmp_path, monkeypatch, flags, archi
     monkeypatch.setattr(compiled_primitives.threadpoolctl, "threadpool_info", lambda: libraries)
     assert compiled_primitives.avx2_blas_on_avx512_cpu(str(cpuinfo)) is expected
     assert compiled_primitives.avx2_blas_on_avx512_cpu(str(tmp_path / "missing")) is False
+
+
+def test_single_threaded_blas_limits_every_blas_library_and_restores_them():
+    import threadpoolctl
+
+    def blas_threads():
+        return [library["num_threads"] for library in threadpoolctl.threadpool_info() if library["user_api"] == "blas"]
+
+    compiled_primitives.blas_sgemm()  # the libraries the mapping calls are loaded
+    before = blas_threads()
+    with compiled_primitives.single_threaded_blas():
+        inside = blas_threads()
+    assert inside and all(threads == 1 for threads in inside)
+    assert blas_threads() == before

@@ -204,6 +204,19 @@ def blas_sgemm() -> tuple[int, int]:
     return get_cython_function_address("scipy.linalg.cython_blas", "sgemm"), 32
 
 
+@functools.cache
+def _blas_libraries() -> threadpoolctl.ThreadpoolController:
+    blas_sgemm()  # loads the library it falls back to, so that it is found too
+    return threadpoolctl.ThreadpoolController()
+
+
+def single_threaded_blas():
+    """A context in which the BLAS libraries run one thread (for threads that each call
+    BLAS on their own). The libraries are looked up once per process: each lookup
+    scans every loaded library (2 ms)."""
+    return _blas_libraries().limit(limits=1, user_api="blas")
+
+
 #: CPU flags OpenBLAS's AVX-512 ("SkylakeX") kernels need.
 _AVX512_FLAGS = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
 

@@ -43,10 +43,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from lacuna.analysis import functional_kernels as kernels
-from lacuna.analysis.compiled_primitives import blas_sgemm
+from lacuna.analysis.compiled_primitives import blas_sgemm, single_threaded_blas
 from lacuna.analysis.t_statistics import benjamini_hochberg, two_sided_p
 from lacuna.core.memory import zeros_on_small_pages
 from lacuna.io.functional_connectome import FunctionalConnectome
@@ -375,7 +374,7 @@ def stream_fisher_z(
             progress(sums.n_subjects, connectome.n_subjects, time.perf_counter() - started)
 
     # Threads share the cores; BLAS must not spawn its own threads inside each of them.
-    with ThreadPoolExecutor(max_workers=threads) as pool, threadpool_limits(1, user_api="blas"):
+    with ThreadPoolExecutor(max_workers=threads) as pool, single_threaded_blas():
         mapping: _MappingGroup | None = None
         waited = time.perf_counter()
         for members in _groups(subjects, size):
