@@ -382,7 +382,8 @@ def stream_fisher_z(
             group = _Group.of(members, first=mapping is None)
             del members
             earlier = mapping.blocks if mapping else [None] * len(blocks)
-            started_group = _MappingGroup(group, [pool.submit(_map_after, before, mapper, group, block) for before, block in zip(earlier, blocks)])
+            queued = [pool.submit(_map_after, before, mapper, group, block) for before, block in zip(earlier, blocks)]
+            started_group = _MappingGroup(group, queued)
             if mapping:
                 fold(mapping)  # while the threads go on with the next group
             mapping = started_group

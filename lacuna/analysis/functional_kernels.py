@@ -241,9 +241,12 @@ def _correlate_one_part(timeseries, start, width, seed, products, inverse_norms,
     _load_row(timeseries[0, start:stop], first)
     t = 1
     while t + 8 <= n_timepoints:
-        x0, x1, x2, x3 = timeseries[t, start:stop], timeseries[t + 1, start:stop], timeseries[t + 2, start:stop], timeseries[t + 3, start:stop]
-        x4, x5, x6, x7 = timeseries[t + 4, start:stop], timeseries[t + 5, start:stop], timeseries[t + 6, start:stop], timeseries[t + 7, start:stop]
-        w0, w1, w2, w3, w4, w5, w6, w7 = seed[t], seed[t + 1], seed[t + 2], seed[t + 3], seed[t + 4], seed[t + 5], seed[t + 6], seed[t + 7]
+        x0, x1 = timeseries[t, start:stop], timeseries[t + 1, start:stop]
+        x2, x3 = timeseries[t + 2, start:stop], timeseries[t + 3, start:stop]
+        x4, x5 = timeseries[t + 4, start:stop], timeseries[t + 5, start:stop]
+        x6, x7 = timeseries[t + 6, start:stop], timeseries[t + 7, start:stop]
+        w0, w1, w2, w3 = seed[t], seed[t + 1], seed[t + 2], seed[t + 3]
+        w4, w5, w6, w7 = seed[t + 4], seed[t + 5], seed[t + 6], seed[t + 7]
         for j in range(width):
             f = first[j]
             d0, d1, d2, d3 = _stored_value(x0, j) - f, _stored_value(x1, j) - f, _stored_value(x2, j) - f, _stored_value(x3, j) - f
