@@ -280,11 +280,11 @@ class _Group:
 class _BlockMapper:
     """Maps one voxel block for every subject of a group; buffers are per thread."""
 
-    def __init__(self, sums: FisherZSums, n_timepoints: int):
+    def __init__(self, sums: FisherZSums, n_timepoints: int, threads: int):
         self.totals = (sums.shift, sums.sum_dz, sums.sum_dz2)
         self.n_timepoints = n_timepoints
         self.n_lesions, n_voxels = sums.shift.shape
-        self.part_width = part_width(self.n_lesions, n_timepoints, n_voxels, worker_threads())
+        self.part_width = part_width(self.n_lesions, n_timepoints, n_voxels, threads)
         self.sgemm = blas_sgemm()
         self.local = threading.local()
 
@@ -354,8 +354,8 @@ def stream_fisher_z(
     n_timepoints = connectome.files[0].n_timepoints
     sums = FisherZSums.zeros(n_lesions, n_voxels)
     timing = PassTiming()
-    mapper = _BlockMapper(sums, n_timepoints)
     threads = worker_threads()
+    mapper = _BlockMapper(sums, n_timepoints, threads)
     width = block_width(n_voxels, mapper.part_width, threads)
     blocks = [slice(start, min(start + width, n_voxels)) for start in range(0, n_voxels, width)]
     size = group_size(n_timepoints * n_voxels * max(f.dtype.itemsize for f in connectome.files), memory_bytes)

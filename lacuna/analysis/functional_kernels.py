@@ -195,7 +195,8 @@ def _finish_norms(sums, squares, n_timepoints, inverse_norms, means):
 
 @compile_kernel
 def _correlate_part(timeseries, start, width, seeds, products, inverse_norms, means, first, rows):
-    """For a few seeds: ``products[l, j] = seeds[l] . d`` with d as in
+    """For two to :data:`DIRECT_MAX_LESIONS` seeds (one: :func:`_correlate_one_part`):
+    ``products[l, j] = seeds[l] . d`` with d as in
     :func:`_centre_part`, with the means and inverse norms, in one pass over the stored
     values (no centred copy, no matrix product): where the pass over memory is the
     whole cost. ``width`` is at most :data:`DIRECT_PART`, so that the running sums stay
@@ -275,15 +276,6 @@ def _add_four_rows(timeseries, t, start, width, seeds, first, sums, squares, pro
     wa, wb, wc, wd = seeds[0, t], seeds[0, t + 1], seeds[0, t + 2], seeds[0, t + 3]
     target = products[0, :width]
     ra, rb, rc, rd = rows[0, :width], rows[1, :width], rows[2, :width], rows[3, :width]
-    if seeds.shape[0] == 1:  # nothing stored but the sums
-        for j in range(width):
-            f = first[j]
-            da, db = _stored_value(a, j) - f, _stored_value(b, j) - f
-            dc, dd = _stored_value(c, j) - f, _stored_value(d, j) - f
-            sums[j] += (da + db) + (dc + dd)
-            squares[j] += (da * da + db * db) + (dc * dc + dd * dd)
-            target[j] += (wa * da + wb * db) + (wc * dc + wd * dd)
-        return
     for j in range(width):  # the other seeds need the differences
         f = first[j]
         da, db = _stored_value(a, j) - f, _stored_value(b, j) - f
@@ -539,7 +531,7 @@ def prepare(stored_dtypes) -> None:
         weighted_sums(timeseries, columns, columns, np.ones(2), np.empty((4, 2)))
         gather_columns(timeseries, columns, np.empty((4, 2), dtype=np.float32))
         addresses = np.array([timeseries.ctypes.data])
-        for n_lesions in (1, DIRECT_MAX_LESIONS + 1):  # both ways of forming products
+        for n_lesions in (1, 2, DIRECT_MAX_LESIONS + 1):  # each way of forming products
             seeds = np.zeros((1, n_lesions, 4), dtype=np.float32)
             totals = (np.zeros((n_lesions, 16), dtype=np.float32), np.zeros((n_lesions, 16)), np.zeros((n_lesions, 16)))
             workspace = new_workspace(4, n_lesions, 8)
