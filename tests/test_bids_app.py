@@ -1034,3 +1034,19 @@ def test_demo(tmp_path):
     assert (derivatives / "group" / "summary.json").is_file()
     assert json.loads((derivatives / "group" / "summary.json").read_text())["n_masks"] == 5
     assert_valid(derivatives)
+
+
+def test_version_and_help_start_without_the_numerical_stack():
+    code = (
+        "import sys\n"
+        "from lacuna.cli.main import main\n"
+        "for argv in (['--version'], ['--help'], ['run', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted(m for m in ('numpy', 'scipy', 'nibabel', 'pandas', 'numba', 'h5py') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in done.stdout, done.stdout + done.stderr

@@ -153,3 +153,28 @@ def test_unknown_connectome_is_a_clear_error(tmp_path, dataset, shared_atlases):
     result = _run(bids, tmp_path / "out", "participant", "--functional-connectome", tmp_path / "missing.h5", "--atlas-dir", shared_atlases, "--atlas", ATLAS, "--skip-bids-validation")
     assert result.exit_code == 2
     assert "missing.h5" in result.output and "neither a registered functional connectome" in result.output
+
+
+def test_one_lesion_per_pass_gives_the_same_outputs_and_a_time_breakdown(tmp_path, dataset, shared_atlases, monkeypatch):
+    from lacuna.analysis import functional_network_mapping
+
+    bids, connectome, data = dataset
+    common = ["--functional-connectome", connectome, "--atlas-dir", shared_atlases, "--atlas", ATLAS, "--skip-bids-validation"]
+    together = tmp_path / "together"
+    _run(bids, together, "participant", *common)
+    # Running sums of less than one lesion per pass: every mask gets a pass of its own
+    # and is written while the next one is mapped.
+    monkeypatch.setattr(functional_network_mapping, "CACHED_PASS_BYTES", 1)
+    apart = tmp_path / "apart"
+    result = _run(bids, apart, "participant", *common, "-v")
+    assert result.exit_code == 1, result.output  # sub-03 still fails alone
+    assert result.output.count("mapping 1 lesion(s)") == 2
+    assert "[1/3]" in result.output and "ETA" in result.output
+    for phase in ("connectome pass", "parcel aggregation", "writing outputs (background threads)", "total"):
+        assert f"time: {phase}:" in result.output
+    for subject in ("01", "02"):
+        anat = f"sub-{subject}/anat"
+        name = f"sub-{subject}_space-{SPACE}_res-2_label-lesion_desc-flnmconnt_statmap.nii.gz"
+        np.testing.assert_allclose(nib.load(apart / anat / name).get_fdata(), nib.load(together / anat / name).get_fdata(), rtol=1e-5, atol=1e-5)
+        table = f"sub-{subject}_space-{SPACE}_atlas-Schaefer2018_seg-100Parcels7Networks_label-lesion_desc-flnmconnt_parcelstats.tsv"
+        pd.testing.assert_frame_equal(pd.read_csv(apart / anat / table, sep="\t"), pd.read_csv(together / anat / table, sep="\t"), atol=1e-5)

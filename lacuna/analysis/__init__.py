@@ -1,10 +1,6 @@
 """Analyses: each configured once and run on many lesions."""
 
-from lacuna.analysis.base import Analysis, BatchAnalysis
-from lacuna.analysis.functional_network_mapping import FunctionalNetworkMapping
-from lacuna.analysis.parcel_aggregation import ParcelAggregation
-from lacuna.analysis.regional_damage import RegionalDamage
-from lacuna.analysis.structural_network_mapping import StructuralNetworkMapping
+from lacuna._lazy import lazy_exports
 
 __all__ = [
     "Analysis",
@@ -14,3 +10,16 @@ __all__ = [
     "RegionalDamage",
     "StructuralNetworkMapping",
 ]
+
+# Imported on first use: functional mapping alone loads the compiled kernels (numba).
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "Analysis": "lacuna.analysis.base",
+        "BatchAnalysis": "lacuna.analysis.base",
+        "FunctionalNetworkMapping": "lacuna.analysis.functional_network_mapping",
+        "ParcelAggregation": "lacuna.analysis.parcel_aggregation",
+        "RegionalDamage": "lacuna.analysis.regional_damage",
+        "StructuralNetworkMapping": "lacuna.analysis.structural_network_mapping",
+    },
+)

@@ -9,6 +9,7 @@ parameters, the reference files read (with checksums) and timestamps.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from abc import ABC, abstractmethod
 
@@ -18,6 +19,7 @@ import numpy as np
 from lacuna.core.errors import AnalysisError, SpaceError
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.results import Result, VoxelMap
+from lacuna.core.interpolation import axis_maps, coverage_box
 from lacuna.core.spaces import Grid, canonical_space, to_space
 from lacuna.core.subject import SubjectData
 
@@ -72,9 +74,18 @@ class Analysis(ABC):
         SubjectData
             A copy with results under ``results[self.name]`` and a provenance step.
         """
-        step = self.step_factory()()
+        step = self._new_step()
         results = self.compute(subject, step)
         return subject.with_results(self.name, results, step.finish())
+
+    def _new_step(self) -> ProvenanceStep:
+        """A provenance step; parameters and input files (checksums) are gathered once
+        per analysis object and set of parameters, not once per subject."""
+        key = json.dumps(self.parameters(), sort_keys=True, default=str)
+        cached = self.__dict__.get("_step_maker")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_step_maker"] = (key, self.step_factory())
+        return cached[1]()
 
     def run_batch(self, subjects: list[SubjectData]) -> list[SubjectData]:
         """Run on many subjects (override for shared work); order is preserved."""
@@ -143,6 +154,25 @@ def mask_on_grid(
     moved, notes = to_space(subject.mask_img, subject.space, target_space, grid=target, kind="mask")
     record_move(step, notes, subject.space, target_space)
     return np.asanyarray(moved.dataobj)
+
+
+def mask_coverage_box(
+    subject: SubjectData, target: Grid, target_space: str, step: ProvenanceStep
+) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """:func:`mask_on_grid` on the part of ``target`` that can hold the lesion only:
+    ``(slices of target, coverage fractions there)``. Between axis-aligned grids of one
+    space the cost follows the lesion's size, not the target grid's; the numbers are
+    those of :func:`mask_on_grid`."""
+    if canonical_space(target_space) == subject.space and not target.matches(subject.grid):
+        maps = axis_maps(subject.grid, target)
+        if maps is not None:
+            box, values = coverage_box(subject.mask, subject.grid, target, maps)
+            note = f"resampled from {subject.grid.describe()} to {target.describe()} (half-coverage rule)"
+            record_move(step, [note], subject.space, subject.space)
+            if box is None:
+                return (slice(0, 0),) * 3, np.zeros((0, 0, 0), dtype=np.float32)
+            return box, values
+    return (slice(None),) * 3, mask_on_grid(subject, target, target_space, step)
 
 
 def record_move(step: ProvenanceStep, notes: list[str], source: str, target: str) -> None:

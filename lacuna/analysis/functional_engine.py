@@ -48,6 +48,7 @@ from lacuna.analysis import functional_kernels as kernels
 from lacuna.analysis.compiled_primitives import blas_sgemm, single_threaded_blas
 from lacuna.analysis.t_statistics import benjamini_hochberg, two_sided_p
 from lacuna.core.memory import zeros_on_small_pages
+from lacuna.core.threads import worker_threads  # noqa: F401 (documented here before)
 from lacuna.io.functional_connectome import FunctionalConnectome
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,6 @@ SINGLE_SEED_MAX_PART = 65536
 _LIMIT = np.float32(R_MAX)
 
 
-def worker_threads() -> int:
-    """Threads for the per-block work: ``$LACUNA_NUM_THREADS`` or the usable CPUs."""
-    value = os.environ.get("LACUNA_NUM_THREADS")
-    return max(1, int(value)) if value else max(1, len(os.sched_getaffinity(0)))
 
 
 def part_width(n_lesions: int, n_timepoints: int, n_voxels: int, threads: int) -> int:

@@ -47,6 +47,7 @@ import numpy as np
 from lacuna.analysis import functional_kernels as kernels
 from lacuna.analysis.base import BatchAnalysis, mask_on_grid, voxel_maps_to_space
 from lacuna.analysis.compiled_primitives import avx2_blas_on_avx512_cpu
+from lacuna.core.memory import available_memory_bytes, default_memory_budget  # noqa: F401 (documented here before)
 from lacuna.analysis.functional_engine import (
     GROUPS_IN_FLIGHT,
     MAX_GROUP,
@@ -72,21 +73,12 @@ METHODS = ("boes", "pini")
 _BYTES_PER_LESION_VOXEL = 8 + 8 + 4 + 4  # float64 sums, float32 shift, missing-subject counts
 
 
-def available_memory_bytes() -> int:
-    """Memory available to this process (MemAvailable, else physical memory)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def default_memory_budget() -> int:
-    """Half of the available memory."""
-    return available_memory_bytes() // 2
+#: Running sums of one pass, without ``memory_budget_gb``, when the connectome fits in
+#: the page cache: another pass then re-reads it from memory, a small part of the work
+#: (measured below), so a cohort is mapped in passes of this size and the peak memory
+#: does not grow with the number of lesions. A connectome larger than the page cache is
+#: read once, for as many lesions as the memory budget takes.
+CACHED_PASS_BYTES = 768 * 1024**2
 
 
 @dataclass
@@ -119,7 +111,9 @@ class FunctionalNetworkMapping(BatchAnalysis):
     t_threshold : float, optional
         Also output a binary map of |t| > ``t_threshold``.
     memory_budget_gb : float, optional
-        Memory for the lesion chunk of one pass; default half the available memory.
+        Memory for the lesion chunk of one pass; default half the available memory, and
+        at most :data:`CACHED_PASS_BYTES` of running sums per pass when the connectome
+        fits in the page cache.
     return_in_input_space : bool
         Bring the maps back onto the lesion's own space and grid (trilinear, through the
         TemplateFlow transform across spaces); otherwise they stay on the connectome grid.
@@ -153,6 +147,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
         self.fdr_alpha = float(fdr_alpha)
         self.t_threshold = None if t_threshold is None else float(t_threshold)
         self.memory_budget = int(memory_budget_gb * 1024**3) if memory_budget_gb else default_memory_budget()
+        self._budget_is_default = not memory_budget_gb
         self.return_in_input_space = return_in_input_space
         self.last_timing: list[PassTiming] = []
         kernels.prepare({f.dtype for f in self.connectome.files})
@@ -237,12 +232,24 @@ class FunctionalNetworkMapping(BatchAnalysis):
         return int(np.clip(self.memory_budget // 8, in_flight, MAX_GROUP * in_flight))
 
     def _chunk_budget(self) -> int:
-        return max(self.memory_budget - self._subjects_memory(), 0)
+        """Bytes for the lesions of one pass: the budget, less the subjects in flight;
+        at most :data:`CACHED_PASS_BYTES` by default for a connectome that the page
+        cache holds."""
+        budget = max(self.memory_budget - self._subjects_memory(), 0)
+        if self._budget_is_default and self._connectome_fits_in_page_cache():
+            budget = min(budget, CACHED_PASS_BYTES)
+        return budget
+
+    def _connectome_fits_in_page_cache(self) -> bool:
+        stored = sum(f.n_subjects * f.n_timepoints * f.dtype.itemsize for f in self.connectome.files) * self.connectome.n_voxels
+        return stored + self.memory_budget <= available_memory_bytes()
 
     def lesions_per_pass(self, extra_bytes: int = 0) -> int:
         """How many lesions one pass can map within the memory budget, counting
-        ``extra_bytes`` more per lesion (e.g. the caller's copy of each mask)."""
-        return max(1, self._chunk_budget() // (self._lesion_bytes() + extra_bytes))
+        ``extra_bytes`` more per lesion (e.g. the caller's copy of each mask, held only
+        while the budget, not the page-cache cap, binds)."""
+        within_budget = max(self.memory_budget - self._subjects_memory(), 0) // (self._lesion_bytes() + extra_bytes)
+        return max(1, min(within_budget, self._chunk_budget() // self._lesion_bytes()))
 
     def _chunks(self, prepared: list[PreparedLesion]) -> Iterator[list[PreparedLesion]]:
         """Lesion chunks whose running sums (and pini matrices) fit the memory budget."""
@@ -292,9 +299,10 @@ class FunctionalNetworkMapping(BatchAnalysis):
 
     def _volume(self, values: np.ndarray, fill: float) -> np.ndarray:
         """Per-voxel ``values`` as a float32 volume of the connectome's mask grid, ``fill``
-        outside the mask (compiled: it runs on the worker threads without the GIL)."""
-        volume = np.empty(self.connectome.mask_shape, dtype=np.float32)
-        kernels.scatter(values, self.connectome.flat_indices, np.float32(fill), volume.reshape(-1))
+        outside the mask (compiled: it runs on the worker threads without the GIL). The
+        volume is in Fortran order, NIfTI's order on disk, so writing it copies nothing."""
+        volume = np.empty(self.connectome.mask_shape, dtype=np.float32, order="F")
+        kernels.scatter(values, self.connectome.flat_indices_fortran, np.float32(fill), volume.reshape(-1, order="F"))
         return volume
 
     def _results(self, lesion: PreparedLesion, used: np.ndarray, statistics, excluded: int) -> dict[str, Result]:

@@ -10,6 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 from lacuna.analysis.base import Analysis, mask_on_grid, record_move
+from lacuna.analysis.parcel_operator import parcel_operator
 from lacuna.io.naming import alphanumeric
 from lacuna.assets.parcellations import Parcellation, ParcellationImage, get_parcellation
 from lacuna.core.errors import AnalysisError
@@ -43,7 +44,9 @@ class ParcelAggregation(Analysis):
     -----
     The map is brought onto each parcellation's grid: the mask as coverage fractions
     (so ``mean`` is the lesioned fraction of the parcel), VoxelMaps by trilinear
-    interpolation. Non-finite values are ignored. For 4-D probabilistic atlases every
+    interpolation. For a VoxelMap in the parcellation's space the two steps are one
+    precomputed sparse operator per (map grid, parcellation), applied to the map
+    (:mod:`lacuna.analysis.parcel_operator`; same numbers, no full resampling). Non-finite values are ignored. For 4-D probabilistic atlases every
     statistic is weighted by the region's probability (``max`` over voxels with p > 0).
     A parcel with no voxels (or no finite values) gets NaN.
     """
@@ -95,8 +98,10 @@ class ParcelAggregation(Analysis):
             table = _find_voxel_map(subject, self.source).desc or table
         for parcellation in self.parcellations:
             image = parcellation.load()
-            values = self._values_on_grid(subject, image, parcellation.space, step)
-            aggregated = _aggregate(image, values, self.method, self.threshold)
+            aggregated = self._by_operator(subject, image, parcellation.space, step)
+            if aggregated is None:
+                values = self._values_on_grid(subject, image, parcellation.space, step)
+                aggregated = _aggregate(image, values, self.method, self.threshold)
             key = f"{table}_{self.method}_{image.name}"
             results[key] = ParcelData(
                 parcellation=image.name,
@@ -114,6 +119,28 @@ class ParcelAggregation(Analysis):
         if self.method == "percent":
             return f"Percentage of parcel voxels where the {what} is above {self.threshold:g}"
         return f"{self.method.capitalize()} of the {what} over the parcel's voxels"
+
+    def _by_operator(
+        self, subject: SubjectData, image: ParcellationImage, space: str, step: ProvenanceStep
+    ) -> np.ndarray | None:
+        """The statistic through the (cached) sparse operator of the map's grid and the
+        parcellation, when the map is in the parcellation's space, on another grid and
+        finite everywhere; None otherwise (then the map is resampled)."""
+        if self.source == "mask":
+            return None
+        voxel_map = _find_voxel_map(subject, self.source)
+        if canonical_space(voxel_map.space) != canonical_space(space) or voxel_map.grid.matches(image.grid):
+            return None
+        values = np.asarray(voxel_map.data)
+        if not np.isfinite(values).all():
+            return None
+        record_move(
+            step,
+            [f"{self.source} onto the {image.name} grid: resampled (trilinear) from {voxel_map.grid.describe()} to {image.grid.describe()}"],
+            canonical_space(voxel_map.space),
+            canonical_space(space),
+        )
+        return parcel_operator(voxel_map.grid, image).apply(values, self.method, self.threshold)
 
     def _values_on_grid(
         self, subject: SubjectData, image: ParcellationImage, space: str, step: ProvenanceStep

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lacuna.analysis.base import Analysis, mask_on_grid
+from lacuna.analysis.base import Analysis, mask_coverage_box
 from lacuna.assets.parcellations import Parcellation, ParcellationImage, get_parcellation
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.results import ParcelData, Result, ScalarMetric
@@ -82,12 +82,12 @@ class RegionalDamage(Analysis):
         }
         for parcellation in self.parcellations:
             image = parcellation.load()
-            coverage = mask_on_grid(subject, image.grid, parcellation.space, step)
+            box, coverage = mask_coverage_box(subject, image.grid, parcellation.space, step)
             lesion = coverage >= HALF_COVERAGE
             if image.probabilistic:
-                hits, outside = _probabilistic_overlap(image, lesion)
+                hits, outside = _probabilistic_overlap(image.data[box], image.scale, lesion)
             else:
-                hits, outside = _discrete_overlap(image, lesion)
+                hits, outside = _discrete_overlap(image.data[box], image.region_ids, lesion)
             sizes = self._sizes(image)
             results.update(_parcel_results(image, hits, sizes))
             results[f"fraction_outside_{image.name}"] = ScalarMetric(
@@ -112,20 +112,22 @@ class RegionalDamage(Analysis):
         return self._parcel_sizes[image.name]
 
 
-def _discrete_overlap(image: ParcellationImage, lesion: np.ndarray) -> tuple[np.ndarray, float]:
-    """Lesioned voxels per region and the fraction of the lesion on label 0."""
-    labels_hit = image.data[lesion]
-    counts = np.bincount(labels_hit, minlength=max(image.region_ids) + 1)
-    hits = counts[np.asarray(image.region_ids)].astype(np.float64)
+def _discrete_overlap(labels: np.ndarray, region_ids: list[int], lesion: np.ndarray) -> tuple[np.ndarray, float]:
+    """Lesioned voxels per region and the fraction of the lesion on label 0 (``labels``
+    and ``lesion`` cover the same voxels)."""
+    labels_hit = labels[lesion]
+    counts = np.bincount(labels_hit, minlength=max(region_ids) + 1)
+    hits = counts[np.asarray(region_ids)].astype(np.float64)
     n_lesion = labels_hit.size
     outside = float(np.count_nonzero(labels_hit == 0) / n_lesion) if n_lesion else float("nan")
     return hits, outside
 
 
-def _probabilistic_overlap(image: ParcellationImage, lesion: np.ndarray) -> tuple[np.ndarray, float]:
-    """Probability-weighted lesioned voxels per region and the fraction outside all."""
-    values = image.data[lesion]  # (n_lesion_voxels, n_regions), stored dtype
-    hits = values.sum(axis=0, dtype=np.float64) * image.scale
+def _probabilistic_overlap(maps: np.ndarray, scale: float, lesion: np.ndarray) -> tuple[np.ndarray, float]:
+    """Probability-weighted lesioned voxels per region and the fraction outside all
+    (``maps`` and ``lesion`` cover the same voxels)."""
+    values = maps[lesion]  # (n_lesion_voxels, n_regions), stored dtype
+    hits = values.sum(axis=0, dtype=np.float64) * scale
     n_lesion = values.shape[0]
     outside = float(np.count_nonzero(values.max(axis=1) == 0) / n_lesion) if n_lesion else float("nan")
     return hits, outside

@@ -61,10 +61,10 @@ from scipy import ndimage
 
 from lacuna.analysis.base import BatchAnalysis, mask_on_grid, record_move, voxel_maps_to_space
 from lacuna.io.naming import alphanumeric
-from lacuna.analysis.functional_network_mapping import default_memory_budget
 from lacuna.assets.connectomes import STRUCTURAL, ConnectomeError, get_registered_connectome, list_connectomes, resolve_connectome
 from lacuna.assets.parcellations import Parcellation, ParcellationImage, get_parcellation
 from lacuna.core.errors import AnalysisError
+from lacuna.core.memory import default_memory_budget
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.results import ConnectivityMatrix, ParcelData, Result, ScalarMetric, VoxelMap
 from lacuna.core.spaces import HALF_COVERAGE, canonical_space, standard_grid

@@ -12,14 +12,15 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lacuna.analysis import Analysis, ParcelAggregation, RegionalDamage
-from lacuna.analysis.base import BatchAnalysis, voxel_maps_to_space
-from lacuna.analysis.functional_network_mapping import FunctionalNetworkMapping
-from lacuna.analysis.structural_network_mapping import StructuralNetworkMapping
+from lacuna.analysis.base import Analysis, BatchAnalysis, voxel_maps_to_space
+from lacuna.analysis.parcel_aggregation import ParcelAggregation
+from lacuna.analysis.regional_damage import RegionalDamage
 from lacuna.cli import messages
 from lacuna.cli.config import MASK_SUFFIXES, RunConfig
 from lacuna.core.entities import parse_entities
@@ -27,6 +28,8 @@ from lacuna.core.errors import BidsError, ValidationError
 from lacuna.core.provenance import ProvenanceStep
 from lacuna.core.subject import SubjectData
 from lacuna.core.atomic import remove_stale_temporaries
+from lacuna.core.threads import worker_threads
+from lacuna.core.timing import PhaseTimes, Progress
 from lacuna.io.bids import (
     export_bids_derivatives,
     find_mask_files,
@@ -153,7 +156,11 @@ def build_analyses(config: RunConfig) -> list[Analysis]:
 
 def build_batch_analyses(config: RunConfig) -> list[BatchAnalysis]:
     """Analyses that map all lesions of a group together (one connectome pass, or one
-    tractogram index, each)."""
+    tractogram index, each). Imported here: functional mapping loads compiled kernels,
+    which a run without a connectome does not need."""
+    from lacuna.analysis.functional_network_mapping import FunctionalNetworkMapping
+    from lacuna.analysis.structural_network_mapping import StructuralNetworkMapping
+
     functional: list[BatchAnalysis] = [
         FunctionalNetworkMapping(
             connectome, method=config.flnm_method, memory_budget_gb=config.mem_gb, return_in_input_space=False
@@ -176,7 +183,7 @@ def build_batch_analyses(config: RunConfig) -> list[BatchAnalysis]:
 def follow_up_analyses(config: RunConfig, analysis: BatchAnalysis) -> list[Analysis]:
     """Per-mask analyses run on a batch analysis' results before they are written:
     parcel-level means of functional t and z maps, per atlas."""
-    if isinstance(analysis, FunctionalNetworkMapping):
+    if analysis.name == "FunctionalNetworkMapping":
         return [
             ParcelAggregation(
                 f"{analysis.name}.{analysis.connectome.name}_{stat}",
@@ -295,26 +302,30 @@ def run_participant(config: RunConfig) -> ParticipantSummary:
     BidsError
         If the dataset is unusable or no mask is selected.
     """
-    check_bids_dataset(config.bids_dir, config.output_dir)
-    if not config.skip_bids_validation:
-        report_bids_validation(config.bids_dir, {p for p in (config.output_dir, config.work_dir) if p})
-    masks = select_masks(config)
-    if not masks:
-        raise BidsError(messages.NO_MASKS.format(path=config.bids_dir))
-    log.info("selected %d mask(s)", len(masks))
-    analyses = build_analyses(config)  # resolves (and downloads) atlases once, up front
-    batch = build_batch_analyses(config)
-    fingerprint = run_fingerprint(config, analyses + batch)
-    initialise_derivatives(config.output_dir, source_dir=config.bids_dir)
+    times = PhaseTimes()
+    with times.phase("dataset, atlases and connectomes"):
+        check_bids_dataset(config.bids_dir, config.output_dir)
+        if not config.skip_bids_validation:
+            report_bids_validation(config.bids_dir, {p for p in (config.output_dir, config.work_dir) if p})
+        masks = select_masks(config)
+        if not masks:
+            raise BidsError(messages.NO_MASKS.format(path=config.bids_dir))
+        log.info("selected %d mask(s)", len(masks))
+        analyses = build_analyses(config)  # resolves (and downloads) atlases once, up front
+        batch = build_batch_analyses(config)
+        fingerprint = run_fingerprint(config, analyses + batch)
+        initialise_derivatives(config.output_dir, source_dir=config.bids_dir)
     summary = ParticipantSummary()
     masks, duplicates = _split_duplicate_outputs(masks)
     summary.outcomes.extend(duplicates)
     with _mask_pool(config, len(masks), fingerprint) as pool:
         if batch:
-            _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary)
+            _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times)
         else:
-            _run_per_mask(config, masks, analyses, fingerprint, pool, summary)
+            _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times)
     summary.outcomes.sort(key=lambda o: str(o.path))
+    log.debug("where the time went (phases on background threads overlap the others):")
+    times.log(log)
     return summary
 
 
@@ -334,67 +345,154 @@ def _mask_pool(config: RunConfig, n_masks: int, fingerprint: dict):
         yield pool
 
 
-def _run_per_mask(config, masks, analyses, fingerprint, pool, summary) -> None:
+def _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times) -> None:
     """Masks analysed and exported one by one (in parallel with workers)."""
     if pool is None:
         outcomes = (process_mask(path, config, analyses, fingerprint) for path in masks)
     else:
         outcomes = (future.result() for future in as_completed([pool.submit(_worker_process, p) for p in masks]))
-    for index, outcome in enumerate(outcomes, 1):
-        _log_outcome(index, len(masks), outcome)
-        summary.outcomes.append(outcome)
-
-
-def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary) -> None:
-    """Masks in memory-sized groups: per-mask analyses, then one connectome pass per
-    group and batch analysis for all its lesions, then export."""
-    group_size = min(analysis.lesions_per_pass(extra_bytes=_MASK_BYTES) for analysis in batch)
-    done = 0
-    for first in range(0, len(masks), group_size):
-        group = masks[first : first + group_size]
-        start = time.perf_counter()
-        if pool is None:
-            prepared = [prepare_mask(path, config, analyses, fingerprint) for path in group]
-        else:
-            prepared = list(pool.map(_worker_prepare, group))
-        subjects = []
-        for path, item in zip(group, prepared):
-            if isinstance(item, MaskOutcome):
-                done += 1
-                _log_outcome(done, len(masks), item)
-                summary.outcomes.append(item)
-            else:
-                subjects.append(item)
-        for analysis in batch:
-            subjects = _map_batch(config, analysis, subjects, summary)
-        for subject in subjects:
-            outcome = finish_mask(subject, config, fingerprint, start)
-            done += 1
-            _log_outcome(done, len(masks), outcome)
+    log_outcome = _OutcomeLog(len(masks))
+    with times.phase("masks (analyses and outputs)"):
+        for outcome in outcomes:
+            log_outcome(outcome)
             summary.outcomes.append(outcome)
 
 
-def _map_batch(config, analysis, subjects, summary) -> list[SubjectData]:
-    """Map a group's lesions with one batch analysis; maps are written at once (only
-    lazy proxies stay in memory), tables and scalars are kept for the final export."""
-    follow_ups = follow_up_analyses(config, analysis)
-    kept: list[SubjectData] = []
+def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times) -> None:
+    """Masks in memory-sized groups: per-mask analyses, then one connectome pass per
+    group and batch analysis for all its lesions. Each mask is finished (maps
+    compressed, tables and provenance written) on background threads as soon as its
+    last batch analysis yields it, while the next lesions are computed; nothing holds
+    the maps of more than a few masks."""
+    per_pass = min(analysis.lesions_per_pass(extra_bytes=_MASK_BYTES) for analysis in batch)
+    follow_ups = [follow_up_analyses(config, analysis) for analysis in batch]
+    log_outcome = _OutcomeLog(len(masks))
+    with _BackgroundFinisher(config, fingerprint, times) as finisher:
+        for group in _balanced_groups(masks, per_pass):
+            start = time.perf_counter()
+            with times.phase("masks and regional damage"):
+                if pool is None:
+                    prepared = [prepare_mask(path, config, analyses, fingerprint) for path in group]
+                else:
+                    prepared = list(pool.map(_worker_prepare, group))
+            subjects = []
+            for item in prepared:
+                if isinstance(item, MaskOutcome):
+                    log_outcome(item)
+                    summary.outcomes.append(item)
+                else:
+                    subjects.append(item)
+            for position, analysis in enumerate(batch):
+                last = position == len(batch) - 1
+                kept = []
+                for subject in _map_batch(config, analysis, follow_ups[position], subjects, summary, times):
+                    if last:
+                        for outcome in finisher.submit(subject, start):
+                            log_outcome(outcome)
+                            summary.outcomes.append(outcome)
+                    else:
+                        with times.phase("writing maps"):
+                            kept.append(write_voxel_maps(subject, config.output_dir, analysis.name))
+                subjects = kept
+        for outcome in finisher.drain():
+            log_outcome(outcome)
+            summary.outcomes.append(outcome)
+    for analysis in batch:
+        timings = getattr(analysis, "last_timing", None)
+        if timings:
+            times.add("connectome pass", sum(timing.seconds for timing in timings))
+
+
+def _balanced_groups(masks: list[Path], most: int) -> list[list[Path]]:
+    """``masks`` cut into the fewest groups of at most ``most``, of near-equal sizes."""
+    n_groups = max(1, -(-len(masks) // max(1, most)))
+    size = -(-len(masks) // n_groups)
+    return [masks[first : first + size] for first in range(0, len(masks), size)]
+
+
+def _map_batch(config, analysis, follow_ups, subjects, summary, times) -> Iterator[SubjectData]:
+    """Map a group's lesions with one batch analysis; yield each subject with its
+    results (and the follow-up parcel tables) as soon as it is ready."""
     start = time.perf_counter()
-    for index, outcome in analysis.iter_batch(subjects):
+    outcomes = analysis.iter_batch(subjects)
+    while True:
+        with times.phase(f"{analysis.name} (pass, statistics, maps)"):
+            item = next(outcomes, None)
+        if item is None:
+            return
+        index, outcome = item
         path = Path(subjects[index].metadata["source_path"])
         try:
             if isinstance(outcome, Exception):
                 raise outcome
-            for follow_up in follow_ups:
-                outcome = follow_up.run(outcome)
+            with times.phase("parcel aggregation"):
+                for follow_up in follow_ups:
+                    outcome = follow_up.run(outcome)
             if config.output_space == "input":
-                outcome = _maps_to_input_space(outcome, analysis.name)
-            kept.append(write_voxel_maps(outcome, config.output_dir, analysis.name))
+                with times.phase("maps to the input space"):
+                    outcome = _maps_to_input_space(outcome, analysis.name)
         except Exception as exc:
             failure = _failure(path, exc, start)
             log.error("%s: %s", path.name, failure.message)
             summary.outcomes.append(failure)
-    return kept
+            continue
+        yield outcome
+
+
+class _BackgroundFinisher:
+    """Finishes masks (:func:`finish_mask`) on background threads, a few at a time.
+
+    Compression (ISA-L or zlib) and hashing release the GIL, so masks are written on
+    all cores while the main thread goes on; :meth:`submit` waits only when more than
+    two masks per thread are pending, which bounds the maps held in memory.
+    """
+
+    def __init__(self, config: RunConfig, fingerprint: dict, times: PhaseTimes):
+        self._config, self._fingerprint, self._times = config, fingerprint, times
+        threads = worker_threads()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lacuna-writer")
+        self._limit = 2 * threads
+        self._pending: deque = deque()
+
+    def __enter__(self) -> "_BackgroundFinisher":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _finish(self, subject: SubjectData, start: float) -> MaskOutcome:
+        began = time.perf_counter()
+        outcome = finish_mask(subject, self._config, self._fingerprint, start)
+        self._times.add("writing outputs (background threads)", time.perf_counter() - began)
+        return outcome
+
+    def submit(self, subject: SubjectData, start: float) -> list[MaskOutcome]:
+        """Queue a mask; returns the outcomes of the masks finished meanwhile."""
+        self._pending.append(self._pool.submit(self._finish, subject, start))
+        finished = []
+        while self._pending and (self._pending[0].done() or len(self._pending) > self._limit):
+            with self._times.phase("waiting for writes"):
+                finished.append(self._pending.popleft().result())
+        return finished
+
+    def drain(self) -> list[MaskOutcome]:
+        """Wait for every queued mask; their outcomes."""
+        with self._times.phase("waiting for writes"):
+            finished = [future.result() for future in self._pending]
+        self._pending.clear()
+        return finished
+
+
+class _OutcomeLog:
+    """Logs ``[done/total] mask: status (seconds), ETA`` for each mask."""
+
+    def __init__(self, total: int):
+        self._progress = Progress("masks", total, log, interval=float("inf"))
+
+    def __call__(self, outcome: MaskOutcome) -> None:
+        self._progress.done += 1
+        eta = self._progress.eta_text() if self._progress.done < self._progress.total else ""
+        _log_outcome(self._progress.done, self._progress.total, outcome, eta)
 
 
 def _maps_to_input_space(subject: SubjectData, analysis_name: str) -> SubjectData:
@@ -426,8 +524,10 @@ def _split_duplicate_outputs(masks: list[Path]) -> tuple[list[Path], list[MaskOu
     return kept, failed
 
 
-def _log_outcome(index: int, total: int, outcome: MaskOutcome) -> None:
+def _log_outcome(index: int, total: int, outcome: MaskOutcome, eta: str = "") -> None:
     line = f"[{index}/{total}] {outcome.path.name}: {outcome.status} ({outcome.seconds:.1f} s)"
+    if eta:
+        line += f", {eta}"
     if outcome.status == "failed":
         log.error("%s — %s", line, outcome.message)
     elif outcome.status == "skipped":

@@ -11,8 +11,7 @@ from lacuna.core.errors import (
     SpaceError,
     ValidationError,
 )
-from lacuna.core.results import ConnectivityMatrix, ParcelData, ScalarMetric, VoxelMap
-from lacuna.core.subject import SubjectData
+from lacuna._lazy import lazy_exports
 
 __all__ = [
     "AnalysisError",
@@ -30,3 +29,11 @@ __all__ = [
     "ValidationError",
     "VoxelMap",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        **{name: "lacuna.core.results" for name in ("ConnectivityMatrix", "ParcelData", "ScalarMetric", "VoxelMap")},
+        "SubjectData": "lacuna.core.subject",
+    },
+)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,26 +27,34 @@ def _split_extension(name: str) -> tuple[str, str]:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces ``path`` atomically."""
+def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` atomically.
+
+    ``durable`` also flushes the content to the disk before the rename, so that even a
+    power failure never leaves the new name with incomplete content. Outputs that a
+    later, durable file lists with their checksums (a mask's derivatives, whose
+    provenance file comes last) skip it: a flush costs a few milliseconds per file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stem, ext = _split_extension(path.name)
-    temporary = path.with_name(f".{stem}{TEMP_MARKER}{os.getpid()}{ext}")
+    temporary = path.with_name(f".{stem}{TEMP_MARKER}{os.getpid()}-{threading.get_ident()}{ext}")
     try:
         yield temporary
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
+        if durable:
+            with open(temporary, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         if temporary.exists():
             temporary.unlink()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never half
+    (``durable``: see :func:`atomic_path`)."""
     path = Path(path)
-    with atomic_path(path) as temporary:
+    with atomic_path(path, durable=durable) as temporary:
         temporary.write_bytes(data)
     return path
 
@@ -66,11 +75,12 @@ def _json_safe(value):
     return value
 
 
-def write_json(path: str | Path, data, indent: int | None = 2) -> Path:
-    """Write ``data`` as JSON atomically (NaN becomes null); returns the path."""
+def write_json(path: str | Path, data, indent: int | None = 2, durable: bool = True) -> Path:
+    """Write ``data`` as JSON atomically (NaN becomes null; ``durable``: see
+    :func:`atomic_path`); returns the path."""
     path = Path(path)
     text = json.dumps(_json_safe(data), indent=indent or None, sort_keys=False, default=str)
-    with atomic_path(path) as temporary:
+    with atomic_path(path, durable=durable) as temporary:
         temporary.write_text(text + "\n", encoding="utf-8")
     return path
 

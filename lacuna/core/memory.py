@@ -1,5 +1,5 @@
-"""Advice to the kernel about memory: ``madvise(2)`` on numpy arrays, and zeroed
-arrays on small pages.
+"""Memory: what is available to the process, advice to the kernel (``madvise(2)`` on
+numpy arrays), and zeroed arrays on small pages.
 
 Python's ``mmap.madvise`` holds the GIL and works on ``mmap`` objects only; here the
 call goes through ctypes (which releases the GIL) on any array's memory. Outside
@@ -59,3 +59,20 @@ def zeros_on_small_pages(shape, dtype) -> np.ndarray:
     if length <= 0 or not madvise(array, start, length, MADV_POPULATE_WRITE):
         array.fill(0)  # fault every page in, in order, on this thread
     return array
+
+
+def available_memory_bytes() -> int:
+    """Memory available to this process (MemAvailable, else physical memory)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_memory_budget() -> int:
+    """Half of the available memory."""
+    return available_memory_bytes() // 2

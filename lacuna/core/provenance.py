@@ -33,7 +33,25 @@ def sha256_file(path: str | Path) -> str:
     """SHA-256 of a file, cached per (path, size, modification time)."""
     path = Path(path).resolve()
     stat = path.stat()
-    return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    return _WRITTEN_DIGESTS.get(key) or _sha256_cached(*key)
+
+
+#: Digests of files this process wrote from memory, by (path, size, modification time).
+_WRITTEN_DIGESTS: dict[tuple[str, int, int], str] = {}
+_WRITTEN_DIGESTS_MAX = 100_000
+
+
+def remember_sha256(path: str | Path, data: bytes) -> str:
+    """Record the SHA-256 of ``data`` just written to ``path`` (so that
+    :func:`sha256_file` need not read the file back); returns it."""
+    digest = hashlib.sha256(data).hexdigest()
+    path = Path(path).resolve()
+    stat = path.stat()
+    if len(_WRITTEN_DIGESTS) >= _WRITTEN_DIGESTS_MAX:
+        _WRITTEN_DIGESTS.clear()
+    _WRITTEN_DIGESTS[(str(path), stat.st_size, stat.st_mtime_ns)] = digest
+    return digest
 
 
 #: Files larger than this are identified by size and modification time instead of a

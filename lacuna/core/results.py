@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from lacuna.core.nifti_files import float_map_bytes, float_map_image
 from lacuna.core.spaces import Grid
 
 
@@ -71,11 +72,11 @@ class VoxelMap:
 
     def to_nifti(self) -> nib.Nifti1Image:
         """The map as a float32 NIfTI image with millimetre units."""
-        img = nib.Nifti1Image(np.asarray(self.data, dtype=np.float32), self.affine)
-        img.header.set_xyzt_units("mm")
-        img.set_qform(self.affine, code=4)
-        img.set_sform(self.affine, code=4)
-        return img
+        return float_map_image(self.data, self.affine)
+
+    def file_bytes(self, name: str) -> bytes:
+        """The bytes of :meth:`to_nifti` written as ``name`` (``.nii`` or ``.nii.gz``)."""
+        return float_map_bytes(self.data, self.affine, name)
 
     def sidecar(self) -> dict:
         """JSON sidecar contents."""

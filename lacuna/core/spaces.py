@@ -16,11 +16,14 @@ Resampling rules
   voxel size)``. The sub-points never fall on a source voxel boundary when the grids'
   boundaries are a multiple of a quarter voxel apart, and the result is then the exact
   partial-volume fraction: this holds for every pair of standard grids (1 <-> 2 mm, and
-  the quarter-voxel offset between the 6Asym and 2009c 2 mm grids). Other grids get an
-  estimate within 1/k per axis. Only the lesion's bounding box is computed, so the cost
-  follows the lesion's size, not the grid's.
+  the quarter-voxel offset between the 6Asym and 2009c 2 mm grids). Between
+  axis-aligned grids (:mod:`lacuna.core.interpolation`) the exact fraction is computed
+  directly, as a product of one-dimensional overlaps; other grids get the sampled
+  estimate, within 1/k per axis. Only the lesion's bounding box is computed, so the
+  cost follows the lesion's size, not the grid's.
 * Continuous maps (:func:`resample_continuous`): trilinear interpolation
-  (``nibabel.processing.resample_from_to``, ``order=1``), zero outside the source.
+  (``nibabel.processing.resample_from_to``, ``order=1``), zero outside the source;
+  between axis-aligned grids the same interpolation as three one-dimensional products.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
@@ -36,9 +38,8 @@ from nibabel.processing import resample_from_to
 from scipy import ndimage
 
 from lacuna.core.errors import SpaceError
-
-#: Maximum difference (mm) between two affines that still counts as the same grid.
-AFFINE_TOLERANCE_MM = 1e-3
+from lacuna.core.grid import AFFINE_TOLERANCE_MM, Grid  # noqa: F401 (Grid is documented here)
+from lacuna.core.interpolation import axis_maps, separable_coverage, separable_trilinear
 
 #: Spaces a lesion mask may be declared in.
 SUPPORTED_SPACES = ("MNI152NLin6Asym", "MNI152NLin2009cAsym")
@@ -56,41 +57,6 @@ _STANDARD_GRIDS = {
     ("MNI152NLin2009cAsym", 1): ((193, 229, 193), (1, 1, 1), (-96, -132, -78)),
     ("MNI152NLin2009cAsym", 2): ((97, 115, 97), (2, 2, 2), (-96.5, -132.5, -78.5)),
 }
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A voxel lattice: array shape plus the voxel-to-mm affine."""
-
-    shape: tuple[int, int, int]
-    affine: np.ndarray
-
-    @classmethod
-    def of(cls, img: nib.spatialimages.SpatialImage) -> "Grid":
-        """The grid of an image (first three dimensions)."""
-        return cls(tuple(int(n) for n in img.shape[:3]), np.asarray(img.affine, dtype=float))
-
-    @property
-    def voxel_sizes(self) -> np.ndarray:
-        """Voxel edge lengths in mm."""
-        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
-
-    @property
-    def voxel_volume_mm3(self) -> float:
-        """Volume of one voxel in mm^3."""
-        return float(abs(np.linalg.det(self.affine[:3, :3])))
-
-    def matches(self, other: "Grid") -> bool:
-        """Whether both grids have the same shape and affine (within tolerance)."""
-        return self.shape == other.shape and bool(
-            np.allclose(self.affine, other.affine, atol=AFFINE_TOLERANCE_MM)
-        )
-
-    def describe(self) -> str:
-        """Short human-readable description (shape, voxel size, origin)."""
-        sizes = "x".join(f"{s:g}" for s in self.voxel_sizes)
-        origin = ", ".join(f"{o:g}" for o in self.affine[:3, 3])
-        return f"shape {self.shape}, voxels {sizes} mm, origin ({origin})"
 
 
 def canonical_space(name: str) -> str:
@@ -175,7 +141,18 @@ HALF_COVERAGE = 0.5 - 1e-6
 
 
 def coverage_fraction(mask: np.ndarray, source_affine: np.ndarray, target: Grid) -> np.ndarray:
-    """Fraction (0..1) of each target voxel covered by the mask (see module docs)."""
+    """Fraction (0..1) of each target voxel covered by the mask (see module docs):
+    exact and separable between axis-aligned grids, sampled otherwise."""
+    source = Grid(tuple(mask.shape), np.asarray(source_affine, float))
+    maps = axis_maps(source, target)
+    if maps is not None:
+        return separable_coverage(mask, source, target, maps)
+    return sampled_coverage(mask, source.affine, target)
+
+
+def sampled_coverage(mask: np.ndarray, source_affine: np.ndarray, target: Grid) -> np.ndarray:
+    """Coverage fractions estimated at ``k x k x k`` sub-points per target voxel (module
+    docs); the rule for grids that are not axis-aligned."""
     source_affine = np.asarray(source_affine, float)
     fraction = np.zeros(target.shape, dtype=np.float32)
     box = _target_box(mask, source_affine, target)
@@ -224,8 +201,19 @@ def _target_box(mask: np.ndarray, source_affine: np.ndarray, target: Grid):
 
 
 def resample_continuous(img: nib.Nifti1Image, target: Grid) -> nib.Nifti1Image:
-    """Resample a continuous 3-D map onto ``target`` with trilinear interpolation."""
-    return resample_from_to(img, (target.shape, target.affine), order=1, mode="constant", cval=0.0)
+    """Resample a continuous 3-D map onto ``target`` with trilinear interpolation (zero
+    outside the source): three one-dimensional products between axis-aligned grids for a
+    finite map, ``nibabel.processing.resample_from_to`` otherwise; the same values
+    either way."""
+    source = Grid.of(img)
+    maps = axis_maps(source, target)
+    data = np.asanyarray(img.dataobj)
+    if maps is None or img.ndim != 3 or not np.isfinite(data).all():
+        return resample_from_to(img, (target.shape, target.affine), order=1, mode="constant", cval=0.0)
+    data = separable_trilinear(data, source, target, maps)
+    out = nib.Nifti1Image(data.astype(img.get_data_dtype() if img.get_data_dtype().kind == "f" else np.float64), target.affine)
+    out.header.set_xyzt_units("mm")
+    return out
 
 
 def to_space(

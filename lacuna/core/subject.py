@@ -251,16 +251,17 @@ def _checked_mask_data(data: np.ndarray, source: str) -> np.ndarray:
                 f"{source}: contains {n_nan} NaN/infinite voxels; a lesion mask must hold "
                 "only 0 and 1 (replace NaN with 0)"
             )
-    values = np.unique(data)
-    if not np.all(np.isin(values, (0, 1))):
+    ones = data == 1
+    if np.count_nonzero(data) != np.count_nonzero(ones):  # a value other than 0 and 1
+        values = np.unique(data)
         shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
         raise ValidationError(
             f"{source}: the mask is not binary (values {shown}); binarise it (e.g. "
             "threshold a probabilistic mask at 0.5) so that it holds only 0 and 1"
         )
-    if not np.any(values == 1):
+    if not ones.any():
         raise ValidationError(f"{source}: the mask is empty (no voxel is 1); check the file")
-    return (data == 1).astype(np.uint8)
+    return ones.view(np.uint8)
 
 
 def _binary_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:

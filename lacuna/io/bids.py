@@ -18,11 +18,12 @@ import pandas as pd
 from lacuna._version import __version__
 from lacuna.core.entities import parse_entities, read_sidecar
 from lacuna.core.errors import BidsError, LacunaError
-from lacuna.core.provenance import sha256_file, software_versions, utc_now
+from lacuna.core.nifti_files import image_bytes
+from lacuna.core.provenance import remember_sha256, sha256_file, software_versions, utc_now
 from lacuna.core.results import ConnectivityMatrix, ParcelData, ScalarMetric, VoxelMap, write_tsv
 from lacuna.core.spaces import SUPPORTED_SPACES
 from lacuna.core.subject import SubjectData
-from lacuna.core.atomic import atomic_path, write_json
+from lacuna.core.atomic import atomic_path, atomic_write_bytes, write_json
 from lacuna.io.naming import BIDSIGNORE_PATTERNS, MaskOutputs, format_resolution, sidecar_of
 
 log = logging.getLogger(__name__)
@@ -217,15 +218,22 @@ def save_nifti(mask_data: SubjectData, output_path: str | Path, save_anatomical:
     extension = ".nii.gz" if output_path.name.endswith(".nii.gz") else output_path.suffix
     if extension not in (".nii", ".nii.gz"):
         raise ValueError(f"{output_path}: NIfTI files must end in .nii or .nii.gz")
-    _save_image(mask_data.mask_img, output_path)
+    _save_image(mask_data.mask_img, output_path, durable=True)
     if save_anatomical and mask_data.anatomical_img is not None:
         stem = output_path.name[: -len(extension)]
-        _save_image(mask_data.anatomical_img, output_path.with_name(f"{stem}_anatomical{extension}"))
+        _save_image(mask_data.anatomical_img, output_path.with_name(f"{stem}_anatomical{extension}"), durable=True)
 
 
-def _save_image(img: nib.Nifti1Image, path: Path) -> None:
-    with atomic_path(path) as temporary:
-        nib.save(img, temporary)
+def _save_image(img: nib.Nifti1Image, path: Path, durable: bool = False) -> None:
+    """Write a NIfTI image atomically (fast gzip: :mod:`lacuna.core.compression`; not
+    flushed to the disk unless ``durable``: a mask's outputs are covered by the
+    checksums of its provenance file, which is)."""
+    _save_bytes(image_bytes(img, path.name), path, durable)
+
+
+def _save_bytes(data: bytes, path: Path, durable: bool = False) -> None:
+    atomic_write_bytes(path, data, durable=durable)
+    remember_sha256(path, data)
 
 
 # -------------------------------------------------------------------------- output
@@ -343,6 +351,7 @@ def _plan_outputs(
                         "LesionVolumeUnits": "mm^3",
                         **_raw_sources(subject),
                     },
+                    durable=False,
                 ),
             )
         )
@@ -362,7 +371,7 @@ def _plan_outputs(
     for (_, parcellation, table), columns in parcel_tables.items():
         planned.extend(_plan_parcel_table(columns, names.parcel_table(parcellation, table)))
     if scalars:
-        planned.append(_PlannedFile(names.scalars(), lambda p: write_json(p, scalars)))
+        planned.append(_PlannedFile(names.scalars(), lambda p: write_json(p, scalars, durable=False)))
     return planned
 
 
@@ -380,7 +389,7 @@ def _voxel_map_path(result: VoxelMap, analysis: str, names: MaskOutputs) -> Path
 def _write_voxel_map(result: VoxelMap, path: Path) -> None:
     if result.written_to and Path(result.written_to) == path and path.is_file():
         return  # already on disk with this content
-    _save_image(result.to_nifti(), path)
+    _save_bytes(result.file_bytes(path.name), path)
 
 
 def _plan_voxel_map(result: VoxelMap, analysis: str, names: MaskOutputs, mask_path: Path) -> list[_PlannedFile]:
@@ -394,7 +403,7 @@ def _plan_voxel_map(result: VoxelMap, analysis: str, names: MaskOutputs, mask_pa
     }
     return [
         _PlannedFile(path, lambda p: _write_voxel_map(result, p)),
-        _PlannedFile(sidecar_of(path), lambda p: write_json(p, sidecar)),
+        _PlannedFile(sidecar_of(path), lambda p: write_json(p, sidecar, durable=False)),
     ]
 
 
@@ -412,7 +421,7 @@ def write_voxel_maps(subject: SubjectData, output_dir: str | Path, analysis_name
     for key, result in subject.results.get(analysis_name, {}).items():
         if isinstance(result, VoxelMap):
             path = root / _voxel_map_path(result, analysis_name, names)
-            _save_image(result.to_nifti(), path)
+            _save_bytes(result.file_bytes(path.name), path)
             result = dataclasses.replace(result, data=nib.load(path).dataobj, written_to=str(path))
         released[key] = result
     new = copy.copy(subject)
@@ -440,7 +449,7 @@ def _plan_parcel_table(columns: list[ParcelData], path: Path) -> list[_PlannedFi
     frame = parcel_frame(columns)
     return [
         _PlannedFile(path, lambda p: _write_frame(frame, p)),
-        _PlannedFile(sidecar_of(path), lambda p: write_json(p, sidecar)),
+        _PlannedFile(sidecar_of(path), lambda p: write_json(p, sidecar, durable=False)),
     ]
 
 
@@ -454,12 +463,12 @@ def _plan_connectivity(result: ConnectivityMatrix, key: str, analysis: str, name
     }
     return [
         _PlannedFile(path, lambda p: _write_frame(frame, p)),
-        _PlannedFile(sidecar_of(path), lambda p: write_json(p, sidecar)),
+        _PlannedFile(sidecar_of(path), lambda p: write_json(p, sidecar, durable=False)),
     ]
 
 
 def _write_frame(frame: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as temporary:
+    with atomic_path(path, durable=False) as temporary:
         write_tsv(frame, temporary)
 
 

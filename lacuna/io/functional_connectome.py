@@ -153,6 +153,11 @@ class FunctionalConnectome:
         """Flat (C-order) index in the mask volume of each column of the timeseries."""
         return np.ravel_multi_index(tuple(self.mask_indices), self.mask_shape)
 
+    @cached_property
+    def flat_indices_fortran(self) -> np.ndarray:
+        """Flat Fortran-order (NIfTI's on-disk order) index of each column."""
+        return np.ravel_multi_index(tuple(self.mask_indices), self.mask_shape, order="F")
+
     def iter_subjects(self, prefetch: int = 2, prepare=None, hold: int = 1) -> Iterator:
         """Yield each subject's raw timeseries (n_timepoints, n_voxels), in order.
 
@@ -178,14 +183,14 @@ class FunctionalConnectome:
             buffer.put(timeseries if prepare is None else (timeseries, prepare(timeseries)))
 
         def read_all() -> None:
+            handed_over = _HandedOver(keep=prefetch + hold + 1, run=max(1, hold // 4))
             try:
                 for batch in self.files:
                     with h5py.File(batch.path, "r") as handle:
                         dataset = handle["timeseries"]
                         offsets = _mappable_offsets(dataset)
                         if offsets is not None:
-                            keep, run = prefetch + hold + 1, max(1, hold // 4)
-                            subjects = _mapped_subjects(batch.path, offsets, dataset.shape[1:], dataset.dtype, keep, run)
+                            subjects = _mapped_subjects(batch.path, offsets, dataset.shape[1:], dataset.dtype, handed_over)
                         else:
                             subjects = _buffered_subjects(dataset, buffers=prefetch + hold + 1)
                         for timeseries in subjects:
@@ -245,8 +250,37 @@ def _mappable_offsets(dataset: h5py.Dataset) -> list[int] | None:
 _FAULT_AHEAD = 2
 
 
+class _HandedOver:
+    """Subjects handed to the consumer, oldest first, over all batch files: pages of
+    subjects handed over more than ``keep`` subjects ago are dropped from the process
+    (not from the page cache) in runs of ``run`` subjects. Counting across files matters:
+    the last subjects of one file are dropped while the next file's are read."""
+
+    def __init__(self, keep: int, run: int):
+        self.keep, self.run = keep, run
+        self._subjects: deque[tuple[np.ndarray, int, int]] = deque()  # (file mapping, offset, bytes)
+
+    def add(self, whole: np.ndarray, offset: int, nbytes: int) -> None:
+        self._subjects.append((whole, offset, nbytes))
+        if len(self._subjects) >= self.keep + self.run:
+            released = [self._subjects.popleft() for _ in range(self.run)]
+            for mapping in {id(item[0]): item[0] for item in released}.values():
+                spans = [(offset, nbytes) for whole, offset, nbytes in released if whole is mapping]
+                _drop(mapping, min(o for o, _ in spans), max(o + n for o, n in spans))
+
+
+def _drop(whole: np.ndarray, start: int, end: int) -> None:
+    """Unmap whole pages of ``[start, end)`` (a page shared with a subject still in use
+    stays)."""
+    page = mmap.PAGESIZE
+    first = start - start % page
+    last = end - end % page
+    if last > first:
+        madvise(whole, first, last - first, mmap.MADV_DONTNEED)
+
+
 def _mapped_subjects(
-    path: Path, offsets: list[int], shape: tuple[int, int], dtype: np.dtype, keep: int, run: int
+    path: Path, offsets: list[int], shape: tuple[int, int], dtype: np.dtype, handed_over: _HandedOver
 ) -> Iterator[np.ndarray]:
     """Subjects as read-only arrays over one mapping of the whole file.
 
@@ -260,10 +294,10 @@ def _mapped_subjects(
     instead of 2.6 s for one lesion). Asking the kernel to read ahead with
     ``MADV_WILLNEED`` instead would fill the page cache with 4 KiB pages.
 
-    Pages of subjects handed over more than ``keep`` subjects ago are dropped from the
-    mapping (not from the page cache) in runs of ``run`` subjects, so the process maps
-    at most ``keep + run + _FAULT_AHEAD`` subjects at a time; dropping is batched
-    because each drop interrupts every thread of the process to flush its TLB.
+    Pages of subjects handed over long enough ago are dropped (:class:`_HandedOver`),
+    so the process maps at most ``keep + run + _FAULT_AHEAD`` subjects at a time;
+    dropping is batched because each drop interrupts every thread of the process to
+    flush its TLB.
     """
     nbytes = shape[0] * shape[1] * dtype.itemsize
     page = mmap.PAGESIZE
@@ -276,7 +310,6 @@ def _mapped_subjects(
         start = offset - offset % page
         _populate(whole, start, offset + nbytes - start)
 
-    handed_over: list[int] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="connectome-fault") as helper:
         faulting = deque(helper.submit(fault_in, offset) for offset in offsets[: _FAULT_AHEAD + 1])
         for index, offset in enumerate(offsets):
@@ -284,14 +317,7 @@ def _mapped_subjects(
             if index + _FAULT_AHEAD + 1 < len(offsets):
                 faulting.append(helper.submit(fault_in, offsets[index + _FAULT_AHEAD + 1]))
             yield whole[offset : offset + nbytes].view(dtype).reshape(shape)
-            handed_over.append(offset)
-            if len(handed_over) >= keep + run:
-                released, handed_over = handed_over[:run], handed_over[run:]
-                first = min(released) - min(released) % page
-                last = max(released) + nbytes
-                last -= last % page  # a page shared with a subject still in use stays
-                if last > first:
-                    madvise(whole, first, last - first, mmap.MADV_DONTNEED)
+            handed_over.add(whole, offset, nbytes)
 
 
 def _populate(mapped: np.ndarray, start: int, length: int) -> None:

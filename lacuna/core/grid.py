@@ -1,0 +1,46 @@
+"""A voxel grid: array shape plus the voxel-to-millimetre affine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+
+#: Maximum difference (mm) between two affines that still counts as the same grid.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel lattice: array shape plus the voxel-to-mm affine."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @classmethod
+    def of(cls, img: nib.spatialimages.SpatialImage) -> "Grid":
+        """The grid of an image (first three dimensions)."""
+        return cls(tuple(int(n) for n in img.shape[:3]), np.asarray(img.affine, dtype=float))
+
+    @property
+    def voxel_sizes(self) -> np.ndarray:
+        """Voxel edge lengths in mm."""
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        """Volume of one voxel in mm^3."""
+        return float(abs(np.linalg.det(self.affine[:3, :3])))
+
+    def matches(self, other: "Grid") -> bool:
+        """Whether both grids have the same shape and affine (within tolerance)."""
+        return self.shape == other.shape and bool(
+            np.allclose(self.affine, other.affine, atol=AFFINE_TOLERANCE_MM)
+        )
+
+    def describe(self) -> str:
+        """Short human-readable description (shape, voxel size, origin)."""
+        sizes = "x".join(f"{s:g}" for s in self.voxel_sizes)
+        origin = ", ".join(f"{o:g}" for o in self.affine[:3, 3])
+        return f"shape {self.shape}, voxels {sizes} mm, origin ({origin})"
