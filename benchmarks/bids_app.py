@@ -195,6 +195,7 @@ def run_structural(workdir: Path, lacuna: str, lesions: int, streamlines: int, a
     tck = workdir / f"tractogram_{streamlines}.tck"
     if not tck.is_file():
         write_tractogram(tck, streamlines, step=1.0)
+    tck.with_suffix(".json").write_text(json.dumps({"SpatialReference": SPACE}))
     bids = workdir / f"bids_structural_L{lesions}"
     if not bids.is_dir():
         build_dataset(bids, lesions, seed=2)

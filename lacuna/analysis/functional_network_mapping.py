@@ -78,7 +78,7 @@ _BYTES_PER_LESION_VOXEL = 8 + 8 + 4 + 4  # float64 sums, float32 shift, missing-
 #: (measured below), so a cohort is mapped in passes of this size and the peak memory
 #: does not grow with the number of lesions. A connectome larger than the page cache is
 #: read once, for as many lesions as the memory budget takes.
-CACHED_PASS_BYTES = 768 * 1024**2
+CACHED_PASS_BYTES = 640 * 1024**2
 
 
 @dataclass

@@ -367,6 +367,11 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
     per_pass = min(analysis.lesions_per_pass(extra_bytes=_MASK_BYTES) for analysis in batch)
     follow_ups = [follow_up_analyses(config, analysis) for analysis in batch]
     log_outcome = _OutcomeLog(len(masks))
+
+    def record(outcome: MaskOutcome) -> None:
+        log_outcome(outcome)
+        summary.outcomes.append(outcome)
+
     with _BackgroundFinisher(config, fingerprint, times) as finisher:
         for group in _balanced_groups(masks, per_pass):
             start = time.perf_counter()
@@ -378,25 +383,22 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
             subjects = []
             for item in prepared:
                 if isinstance(item, MaskOutcome):
-                    log_outcome(item)
-                    summary.outcomes.append(item)
+                    record(item)
                 else:
                     subjects.append(item)
             for position, analysis in enumerate(batch):
                 last = position == len(batch) - 1
                 kept = []
-                for subject in _map_batch(config, analysis, follow_ups[position], subjects, summary, times):
+                for subject in _map_batch(config, analysis, follow_ups[position], subjects, record, times):
                     if last:
                         for outcome in finisher.submit(subject, start):
-                            log_outcome(outcome)
-                            summary.outcomes.append(outcome)
+                            record(outcome)
                     else:
                         with times.phase("writing maps"):
                             kept.append(write_voxel_maps(subject, config.output_dir, analysis.name))
                 subjects = kept
         for outcome in finisher.drain():
-            log_outcome(outcome)
-            summary.outcomes.append(outcome)
+            record(outcome)
     for analysis in batch:
         timings = getattr(analysis, "last_timing", None)
         if timings:
@@ -410,9 +412,10 @@ def _balanced_groups(masks: list[Path], most: int) -> list[list[Path]]:
     return [masks[first : first + size] for first in range(0, len(masks), size)]
 
 
-def _map_batch(config, analysis, follow_ups, subjects, summary, times) -> Iterator[SubjectData]:
+def _map_batch(config, analysis, follow_ups, subjects, record, times) -> Iterator[SubjectData]:
     """Map a group's lesions with one batch analysis; yield each subject with its
-    results (and the follow-up parcel tables) as soon as it is ready."""
+    results (and the follow-up parcel tables) as soon as it is ready, and ``record`` the
+    failure of each lesion that cannot be mapped."""
     start = time.perf_counter()
     outcomes = analysis.iter_batch(subjects)
     while True:
@@ -432,9 +435,7 @@ def _map_batch(config, analysis, follow_ups, subjects, summary, times) -> Iterat
                 with times.phase("maps to the input space"):
                     outcome = _maps_to_input_space(outcome, analysis.name)
         except Exception as exc:
-            failure = _failure(path, exc, start)
-            log.error("%s: %s", path.name, failure.message)
-            summary.outcomes.append(failure)
+            record(_failure(path, exc, start))
             continue
         yield outcome
 

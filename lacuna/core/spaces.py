@@ -34,8 +34,6 @@ import warnings
 
 import nibabel as nib
 import numpy as np
-from nibabel.processing import resample_from_to
-from scipy import ndimage
 
 from lacuna.core.errors import SpaceError
 from lacuna.core.grid import AFFINE_TOLERANCE_MM, Grid  # noqa: F401 (Grid is documented here)
@@ -153,6 +151,8 @@ def coverage_fraction(mask: np.ndarray, source_affine: np.ndarray, target: Grid)
 def sampled_coverage(mask: np.ndarray, source_affine: np.ndarray, target: Grid) -> np.ndarray:
     """Coverage fractions estimated at ``k x k x k`` sub-points per target voxel (module
     docs); the rule for grids that are not axis-aligned."""
+    from scipy import ndimage  # imported when needed: it takes a quarter of a second
+
     source_affine = np.asarray(source_affine, float)
     fraction = np.zeros(target.shape, dtype=np.float32)
     box = _target_box(mask, source_affine, target)
@@ -203,15 +203,16 @@ def _target_box(mask: np.ndarray, source_affine: np.ndarray, target: Grid):
 def resample_continuous(img: nib.Nifti1Image, target: Grid) -> nib.Nifti1Image:
     """Resample a continuous 3-D map onto ``target`` with trilinear interpolation (zero
     outside the source): three one-dimensional products between axis-aligned grids for a
-    finite map, ``nibabel.processing.resample_from_to`` otherwise; the same values
-    either way."""
+    finite floating-point map, ``nibabel.processing.resample_from_to`` otherwise; the
+    same values either way."""
     source = Grid.of(img)
     maps = axis_maps(source, target)
     data = np.asanyarray(img.dataobj)
-    if maps is None or img.ndim != 3 or not np.isfinite(data).all():
+    if maps is None or data.ndim != 3 or data.dtype.kind != "f" or not np.isfinite(data).all():
+        from nibabel.processing import resample_from_to  # imports scipy.ndimage: only when needed
+
         return resample_from_to(img, (target.shape, target.affine), order=1, mode="constant", cval=0.0)
-    data = separable_trilinear(data, source, target, maps)
-    out = nib.Nifti1Image(data.astype(img.get_data_dtype() if img.get_data_dtype().kind == "f" else np.float64), target.affine)
+    out = nib.Nifti1Image(separable_trilinear(data, source, target, maps).astype(data.dtype), target.affine)
     out.header.set_xyzt_units("mm")
     return out
 
