@@ -165,3 +165,23 @@ def test_single_threaded_blas_limits_every_blas_library_and_restores_them():
         inside = blas_threads()
     assert inside and all(threads == 1 for threads in inside)
     assert blas_threads() == before
+
+
+def test_compiled_kernels_are_cached_in_the_user_cache_not_beside_the_code(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = tmp_path / "installed"
+    code.mkdir()
+    (code / "tiny_kernel.py").write_text(
+        "from lacuna.analysis.compiled_primitives import compile_kernel\n\n\n"
+        "@compile_kernel\ndef double(x):\n    return 2 * x\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    run = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(code)!r}); import tiny_kernel; print(tiny_kernel.double(21))"]
+    done = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "42"
+    assert list((tmp_path / "cache" / "lacuna" / "numba").rglob("*.nbi"))
+    assert not list(code.rglob("*.nbi"))  # nothing written beside the (installed) code

@@ -862,3 +862,35 @@ def test_validate_does_not_modify_the_folder(exported):
     before = {name: sha256(exported / name) for name in files_below(exported)}
     validate_bids_derivatives(exported)
     assert {name: sha256(exported / name) for name in files_below(exported)} == before
+
+
+def test_large_input_checksums_are_kept_between_runs(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from lacuna.core import provenance
+    from lacuna.core.datadir import get_data_dir
+
+    def forget_in_process() -> None:
+        provenance._sha256_cached.cache_clear()
+        provenance._persisted_digests.cache_clear()
+
+    monkeypatch.setattr(provenance, "PERSISTED_DIGEST_BYTES", 1024)
+    forget_in_process()
+    path = tmp_path / "tractogram.tck"
+    path.write_bytes(bytes(range(256)) * 64)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert provenance.sha256_file(path) == expected
+    store = get_data_dir() / "checksums.json"
+    entries = json.loads(store.read_text())
+    (key,) = [k for k, v in entries.items() if v == expected]
+    # A later process takes the stored digest for the same path, size and time...
+    store.write_text(json.dumps({key: "f" * 64}))
+    forget_in_process()
+    assert provenance.sha256_file(path) == "f" * 64
+    # ...and hashes the file again once it changed.
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    forget_in_process()
+    assert provenance.sha256_file(path) == expected
+    forget_in_process()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
+import tempfile
 
 import numba
 import numpy as np
@@ -27,13 +29,35 @@ from numba.extending import get_cython_function_address, intrinsic
 
 
 def compile_kernel(function):
-    """``numba.njit`` without the GIL, cached on disk when numba finds a writable place
-    (``NUMBA_CACHE_DIR``, the package's ``__pycache__`` or the user's cache); compiled
-    at first use otherwise."""
+    """``numba.njit`` without the GIL, cached on disk in :func:`kernel_cache_dir` when
+    there is one; compiled at first use otherwise. Never cached inside the installed
+    package: files left there outlive an uninstall, and the folder they keep then
+    shadows a later (editable) install of Lacuna."""
+    if kernel_cache_dir() is not None:
+        try:
+            return numba.njit(nogil=True, cache=True, error_model="numpy")(function)
+        except RuntimeError:  # numba found no usable cache location after all
+            pass
+    return numba.njit(nogil=True, error_model="numpy")(function)
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_cache_dir() -> str | None:
+    """Where compiled kernels are cached: ``$NUMBA_CACHE_DIR`` when set, else
+    ``$XDG_CACHE_HOME/lacuna/numba`` (``~/.cache/lacuna/numba``); None when that folder
+    cannot be written (then kernels are compiled in memory at each run)."""
+    if numba.config.CACHE_DIR:
+        return numba.config.CACHE_DIR
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "lacuna", "numba")
     try:
-        return numba.njit(nogil=True, cache=True, error_model="numpy")(function)
-    except RuntimeError:  # no writable cache location (read-only install, no HOME)
-        return numba.njit(nogil=True, error_model="numpy")(function)
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        return None
+    numba.config.CACHE_DIR = folder  # numba's own locator then caches there
+    return folder
 
 
 @intrinsic

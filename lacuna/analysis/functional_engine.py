@@ -34,7 +34,6 @@ that is constant in a subject, are left out of that subject's contribution: the 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator

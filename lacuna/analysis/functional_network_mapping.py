@@ -34,7 +34,6 @@ peak t, voxels significant at ``fdr_alpha``.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections import deque
 from collections.abc import Iterator

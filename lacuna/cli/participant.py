@@ -488,12 +488,11 @@ class _OutcomeLog:
     """Logs ``[done/total] mask: status (seconds), ETA`` for each mask."""
 
     def __init__(self, total: int):
-        self._progress = Progress("masks", total, log, interval=float("inf"))
+        self._progress = Progress(total)
 
     def __call__(self, outcome: MaskOutcome) -> None:
         self._progress.done += 1
-        eta = self._progress.eta_text() if self._progress.done < self._progress.total else ""
-        _log_outcome(self._progress.done, self._progress.total, outcome, eta)
+        _log_outcome(self._progress.done, self._progress.total, outcome, self._progress.eta_text())
 
 
 def _maps_to_input_space(subject: SubjectData, analysis_name: str) -> SubjectData:

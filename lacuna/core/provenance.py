@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import sys
 from dataclasses import asdict, dataclass, field
@@ -22,11 +23,57 @@ def utc_now() -> str:
 
 @lru_cache(maxsize=256)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    if size < PERSISTED_DIGEST_BYTES:
+        return _sha256_of(path)
+    from lacuna.core.datadir import get_data_dir
+
+    store = get_data_dir() / _DIGESTS_FILE
+    key = f"{path}\t{size}\t{mtime_ns}"
+    known = _persisted_digests(str(store)).get(key)
+    if known is None:
+        known = _sha256_of(path)
+        _persist_digest(store, key, known)
+    return known
+
+
+def _sha256_of(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: Files at least this large have their SHA-256 kept in the data directory
+#: (``checksums.json``, by path, size and modification time), so a tractogram or atlas
+#: is hashed once, not at every run (200 MB take 0.3 s).
+PERSISTED_DIGEST_BYTES = 16 * 1024**2
+_DIGESTS_FILE = "checksums.json"
+_DIGESTS_KEPT = 10_000
+
+
+@lru_cache(maxsize=4)
+def _persisted_digests(store: str) -> dict[str, str]:
+    try:
+        stored = json.loads(Path(store).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _persist_digest(store: Path, key: str, digest: str) -> None:
+    """Add a digest to the store (best effort: a read-only or shared data directory
+    only means hashing again next time; concurrent runs may drop each other's entry)."""
+    from lacuna.core.atomic import write_json
+
+    digests = _persisted_digests(str(store))
+    digests[key] = digest
+    while len(digests) > _DIGESTS_KEPT:
+        digests.pop(next(iter(digests)))
+    try:
+        write_json(store, digests, indent=None, durable=False)
+    except OSError:
+        pass
 
 
 def sha256_file(path: str | Path) -> str:

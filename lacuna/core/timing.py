@@ -44,31 +44,16 @@ class PhaseTimes:
 
 
 class Progress:
-    """Done/total counts with an ETA, logged at most every ``interval`` seconds (and
-    always for the last item)."""
+    """Done/total counts, and the time left at the rate so far."""
 
-    def __init__(self, what: str, total: int, logger: logging.Logger, interval: float = 10.0):
-        self.what = what
+    def __init__(self, total: int):
         self.total = total
         self.done = 0
-        self._logger = logger
-        self._interval = interval
         self._started = time.perf_counter()
-        self._last = self._started
 
     def eta_text(self) -> str:
-        """``"ETA 12 s"`` from the rate so far (empty before the first item)."""
-        if not self.done:
+        """``"ETA 12 s"`` (empty before the first item and after the last)."""
+        if not self.done or self.done >= self.total:
             return ""
         elapsed = time.perf_counter() - self._started
         return f"ETA {elapsed / self.done * (self.total - self.done):.0f} s"
-
-    def advance(self, count: int = 1) -> None:
-        """Count ``count`` more items done; log when due."""
-        self.done += count
-        now = time.perf_counter()
-        if self.done >= self.total or now - self._last >= self._interval:
-            self._last = now
-            self._logger.info(
-                "%s: %d/%d, %.0f s elapsed, %s", self.what, self.done, self.total, now - self._started, self.eta_text()
-            )
