@@ -88,6 +88,13 @@ def ball_2mm(index: int, radius: float = 8) -> np.ndarray:
     return ball(SHAPE_2MM, AFFINE_2MM, CENTRES[index % len(CENTRES)], radius)
 
 
+def _shifted(affine: np.ndarray, dx_mm: float) -> np.ndarray:
+    """``affine`` moved by ``dx_mm`` along x: off every template grid."""
+    moved = affine.copy()
+    moved[0, 3] += dx_mm
+    return moved
+
+
 def mask_name(sub: str, ses: str | None = None, label: str = "lesion", space: str | None = SPACE) -> str:
     """Relative path of a mask in a raw dataset."""
     folder = f"sub-{sub}/" + (f"ses-{ses}/" if ses else "") + "anat/"
@@ -331,9 +338,9 @@ BAD_MASKS = {
         lambda p: save_mask(p, ball_2mm(1), AFFINE_2MM, sidecar={"SpatialReference": "MNI305"}),
         ["MNI305", "unsupported"],
     ),
-    "no-space": (
+    "no-space": (  # no space declared, and a grid 1 mm off the template's
         mask_name("02", space=None),
-        lambda p: save_mask(p, ball_2mm(1), AFFINE_2MM),
+        lambda p: save_mask(p, ball_2mm(1), _shifted(AFFINE_2MM, 1.0)),
         ["no coordinate space"],
     ),
 }
@@ -460,14 +467,15 @@ def test_mask_label(tmp_path):
 
 def test_mask_space(tmp_path):
     good = ball_1mm(3)
+    # sub-01 declares no space but lies on the FSL 1 mm template grid: it gets that space.
     bids = write_bids_dataset(tmp_path / "bids", {mask_name("01", space=None): (good, AFFINE_1MM)})
     # sub-02 declares an unsupported space in its sidecar; --mask-space overrides it.
     save_mask(bids / mask_name("02", space=None), ball_1mm(4), AFFINE_1MM, sidecar={"SpatialReference": "MNI305"})
     out = tmp_path / "out"
     result = participant(bids, out)
     assert result.exit_code == 1
-    assert counts(result) == (2, 0, 0, 2)
-    assert "sub-01_label-lesion_mask.nii.gz" in result.stdout and "no coordinate space" in result.stdout
+    assert counts(result) == (2, 1, 0, 1)
+    assert "MNI305" in result.stdout and f"{SPACE} 1 mm template grid" in result.output
 
     result = participant(bids, out, "--mask-space", SPACE)
     assert result.exit_code == 0, result.output

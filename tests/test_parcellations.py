@@ -539,3 +539,23 @@ def test_concurrent_registration_loses_nothing(tmp_path):
     assert sorted(done) == [0, 1, 2, 3]
     names = set(registered_parcellations())
     assert names == {f"W{w}_R{i}" for w in range(4) for i in range(5)}
+
+
+@needs_atlases
+@pytest.mark.parametrize("form", ["folder", "file-url"])
+def test_mirror_may_be_a_local_folder_or_file_url(monkeypatch, data_dir, form):
+    base = str(ATLASES) if form == "folder" else ATLASES.as_uri()
+    monkeypatch.setenv(pm.ATLAS_URL_ENV, base)
+    parc = get_parcellation("TianSubcortex_3TS1")
+    assert parc.image_path == data_dir / "atlases" / f"{TIAN_S1}.nii.gz"
+    assert parc.image_path.read_bytes() == (ATLASES / f"{TIAN_S1}.nii.gz").read_bytes()
+    assert parc.load().n_regions == 16
+
+
+def test_missing_file_in_a_local_mirror_names_the_file(monkeypatch, data_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv(pm.ATLAS_URL_ENV, (tmp_path / "empty").as_uri())
+    with pytest.raises(ParcellationError, match="does not exist") as info:
+        get_parcellation("Schaefer2018_100Parcels7Networks")
+    assert str(tmp_path / "empty") in str(info.value) and pm.ATLAS_URL_ENV in str(info.value)
+    assert list((data_dir / "atlases").iterdir()) == []

@@ -144,3 +144,23 @@ def test_transforms_fetch_command_caches_both_directions(tmp_path, static_server
 
     cached = sorted(p.name for p in (get_data_dir() / "templateflow").rglob("*.h5"))
     assert cached == [f"tpl-{C}_from-{SIX}_mode-image_xfm.h5", f"tpl-{SIX}_from-{C}_mode-image_xfm.h5"]
+
+
+@pytest.mark.parametrize("form", ["folder", "file-url", "templateflow-home"])
+def test_transforms_come_from_a_local_mirror_or_templateflow_home(tmp_path, monkeypatch, form, isolated_data_dir):
+    from lacuna.assets.templates import transform_path
+
+    store = tmp_path / "templateflow"
+    name = f"tpl-{C}_from-{SIX}_mode-image_xfm.h5"
+    write_itk_transform(store / f"tpl-{C}" / name, affine_lps=_translation(10.0))
+    if form == "templateflow-home":
+        monkeypatch.setenv("TEMPLATEFLOW_HOME", str(store))  # LACUNA_TEMPLATEFLOW_URL stays closed
+        assert transform_path(SIX, C) == store / f"tpl-{C}" / name  # used where it is
+    else:
+        monkeypatch.setenv("LACUNA_TEMPLATEFLOW_URL", str(store) if form == "folder" else store.as_uri())
+        copied = transform_path(SIX, C)
+        assert copied == isolated_data_dir / "templateflow" / f"tpl-{C}" / name
+        assert copied.read_bytes() == (store / f"tpl-{C}" / name).read_bytes()
+    grid = standard_grid(SIX, 2)
+    moved, _ = to_space(nib.Nifti1Image(sphere(grid, (20, -10, 10), 8), grid.affine), SIX, C, resolution=2)
+    np.testing.assert_allclose(_centre_of_mass_mm(moved.get_fdata(), standard_grid(C, 2)), (30, -10, 10), atol=1.0)

@@ -409,6 +409,12 @@ def test_connectome_space_is_declared_never_guessed(tmp_path):
     (tmp_path / "tracts.json").write_text(json.dumps({"SpatialReference": SPACE}))
     analysis = StructuralNetworkMapping(path)
     assert analysis.space == SPACE and analysis.connectome_name == "tracts"
+    seed_spelling = StructuralNetworkMapping(tractogram_path=str(path))  # as in the seed's example
+    assert (seed_spelling.tractogram, seed_spelling.space) == (analysis.tractogram, SPACE)
+    with pytest.raises(TypeError, match="once"):
+        StructuralNetworkMapping(path, tractogram_path=path)
+    with pytest.raises(TypeError, match="once"):
+        StructuralNetworkMapping()
     with pytest.raises(ConnectomeError, match="declared"):
         StructuralNetworkMapping(path, space="MNI152NLin2009cAsym")
     register_structural_connectome("Tracts9", path, "MNI152NLin2009cAsym")

@@ -286,7 +286,11 @@ def test_rejects_2009c_grid_off_by_half_voxel(tmp_path):
     "name", ["sub-01_space-Talairach_label-lesion_mask.nii.gz", "sub-01_label-lesion_mask.nii.gz"], ids=["unknown", "none"]
 )
 def test_rejects_unknown_or_missing_space_entity(tmp_path, name):
-    path = write(tmp_path / name, box_mask(spec_shape(NLIN6, 2)), spec_affine(NLIN6, 2))
+    # Without a declared space only a mask exactly on a template grid is accepted (its
+    # space is then that grid's): one millimetre off, it is rejected.
+    affine = spec_affine(NLIN6, 2)
+    affine[0, 3] += 1.0
+    path = write(tmp_path / name, box_mask(spec_shape(NLIN6, 2)), affine)
     exc_info = _rejects(path)
     assert isinstance(exc_info.value, SpaceError)
 
@@ -491,3 +495,27 @@ def test_sidecar_json_is_read(tmp_path):
     )
     path.with_name("sub-01_label-lesion_mask.json").write_text(json.dumps({"Space": NLIN6}))
     assert SubjectData.from_nifti(path).space == NLIN6
+
+
+def test_a_mask_without_a_declared_space_takes_the_space_of_its_template_grid(tmp_path, caplog):
+    for space, resolution in (("MNI152NLin6Asym", 1), ("MNI152NLin6Asym", 2), ("MNI152NLin2009cAsym", 1), ("MNI152NLin2009cAsym", 2)):
+        grid = standard_grid(space, resolution)
+        data = np.zeros(grid.shape, np.uint8)
+        data[tuple(n // 2 for n in grid.shape)] = 1
+        path = tmp_path / f"lesion_{space}_{resolution}.nii.gz"
+        save_mask(path, data, grid.affine)
+        with caplog.at_level(logging.INFO, logger="lacuna"):
+            subject = SubjectData.from_nifti(path)  # the seed's example, verbatim
+        assert (subject.space, subject.resolution) == (space, resolution)
+        assert f"{space} {resolution} mm template grid" in caplog.text
+    # The FSL 1 mm lattice stored RAS (x axis reversed) is no template grid: still an
+    # error, and the message shows the signed axes that tell the two apart.
+    fsl = standard_grid("MNI152NLin6Asym", 1)
+    flipped = fsl.affine.copy()
+    flipped[0, 0], flipped[0, 3] = 1.0, -91.0
+    path = tmp_path / "lesion_ras.nii.gz"
+    save_mask(path, np.ones(fsl.shape, np.uint8), flipped)
+    with pytest.raises(SpaceError, match=r"voxel axes \(1, 1, 1\) mm, origin \(-91, -126, -72\)"):
+        SubjectData.from_nifti(path)
+    with pytest.raises(Exception, match=r"voxel axes \(1, 1, 1\) mm.*voxel axes \(-1, 1, 1\) mm"):
+        SubjectData.from_nifti(path, space="MNI152NLin6Asym")

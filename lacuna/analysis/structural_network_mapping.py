@@ -95,7 +95,7 @@ class StructuralNetworkMapping(BatchAnalysis):
     ----------
     connectome : str or Path
         Registered structural connectome name (``lacuna connectomes register``), or a
-        ``.tck``/``.trk`` path.
+        ``.tck``/``.trk`` path. Or give the path as ``tractogram_path``.
     parcellations : sequence of str or Parcellation
         Parcellations for parcel x parcel matrices and per-parcel tables (default none).
     space : str, optional
@@ -119,11 +119,14 @@ class StructuralNetworkMapping(BatchAnalysis):
     return_in_input_space : bool
         Bring the maps back onto the lesion's own space and grid (trilinear); otherwise
         they stay on the analysis grid.
+    tractogram_path : str or Path, optional
+        The tractogram file, instead of ``connectome`` (the seed documentation's
+        spelling).
     """
 
     def __init__(
         self,
-        connectome: str | Path,
+        connectome: str | Path | None = None,
         parcellations: Sequence[str | Parcellation] = (),
         space: str | None = None,
         resolution: float = 2,
@@ -133,7 +136,11 @@ class StructuralNetworkMapping(BatchAnalysis):
         atlas_dir: str | Path | None = None,
         memory_budget_gb: float | None = None,
         return_in_input_space: bool = True,
+        tractogram_path: str | Path | None = None,
     ):
+        if (connectome is None) == (tractogram_path is None):
+            raise TypeError("give the tractogram as connectome= (a name or path) or tractogram_path=, once")
+        connectome = connectome if connectome is not None else tractogram_path
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if upsample is not None and int(upsample) < 1:

@@ -10,7 +10,8 @@ files. :func:`get_parcellation` resolves a name, in order, from
    ``tpl-<space>[_res-<NN>]_atlas-<atlas>[_desc-<desc>]_<dseg|probseg>.nii[.gz]`` with a
    labels file of the same stem ending ``.tsv`` or ``.txt``;
 3. the catalogue of standard parcellations (:data:`CATALOGUE`), downloaded on first use
-   into ``<data dir>/atlases/`` (from ``$LACUNA_ATLAS_URL`` when set).
+   into ``<data dir>/atlases/`` (from ``$LACUNA_ATLAS_URL`` when set: a base URL, a
+   local folder or a ``file://`` URL).
 
 Reading rules (:func:`read_parcellation`)
 ----------------------------------------
@@ -53,7 +54,8 @@ from lacuna.io.download import SMALL_FILE_BACKOFF, SMALL_FILE_RETRIES, download_
 
 log = logging.getLogger(__name__)
 
-#: Environment variable holding the base URL of an atlas mirror (flat folder of files).
+#: Environment variable holding the base URL of an atlas mirror (flat folder of files;
+#: a local folder or ``file://`` URL is copied from).
 ATLAS_URL_ENV = "LACUNA_ATLAS_URL"
 
 #: File, in the data directory, that holds the user's registered parcellations.

@@ -3,9 +3,10 @@
 ``tpl-<B>_from-<A>_mode-image_xfm.h5`` is an ITK composite transform (HDF5) that
 resamples an image of space A onto a grid of space B: ITK transforms map points of the
 reference (B) into the moving image (A), in LPS millimetres. Files are downloaded on
-first use from ``$LACUNA_TEMPLATEFLOW_URL`` (default TemplateFlow's public store), laid
-out as the store: ``<base>/tpl-<B>/<file>``, into ``<data dir>/templateflow/tpl-<B>/``
-(files already on ``LACUNA_DATA_PATH`` are used as they are).
+first use from ``$LACUNA_TEMPLATEFLOW_URL`` (default TemplateFlow's public store; also a
+local folder or a ``file://`` URL), laid out as the store: ``<base>/tpl-<B>/<file>``,
+into ``<data dir>/templateflow/tpl-<B>/``. Files already on ``LACUNA_DATA_PATH`` or in
+TemplateFlow's own cache (``$TEMPLATEFLOW_HOME/tpl-<B>/``) are used as they are.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from lacuna.io.download import SMALL_FILE_BACKOFF, SMALL_FILE_RETRIES, download_
 log = logging.getLogger(__name__)
 
 TEMPLATEFLOW_URL_ENV = "LACUNA_TEMPLATEFLOW_URL"
+TEMPLATEFLOW_HOME_ENV = "TEMPLATEFLOW_HOME"  # TemplateFlow's own cache
 DEFAULT_TEMPLATEFLOW_URL = "https://templateflow.s3.amazonaws.com"
 
 
@@ -48,7 +50,7 @@ def transform_path(source: str, target: str) -> Path:
         raise SpaceError(f"no transform needed from {source} to itself")
     name = transform_file_name(source, target)
     relative = Path("templateflow", f"tpl-{target}", name)
-    found = find_data_file(relative)
+    found = find_data_file(relative) or _in_templateflow_home(target, name)
     if found is not None:
         return found
     path = get_data_dir() / relative
@@ -68,6 +70,16 @@ def transform_path(source: str, target: str) -> Path:
                     f"Set {TEMPLATEFLOW_URL_ENV} to a TemplateFlow mirror, or place {name} in {path.parent}"
                 ) from None
     return path
+
+
+def _in_templateflow_home(template: str, name: str) -> Path | None:
+    """The file in TemplateFlow's own cache (``$TEMPLATEFLOW_HOME/tpl-<template>/``),
+    used as it is, when there."""
+    home = os.environ.get(TEMPLATEFLOW_HOME_ENV)
+    if not home:
+        return None
+    path = Path(home).expanduser() / f"tpl-{template}" / name
+    return path if path.is_file() else None
 
 
 @lru_cache(maxsize=8)

@@ -40,7 +40,13 @@ class Grid:
         )
 
     def describe(self) -> str:
-        """Short human-readable description (shape, voxel size, origin)."""
-        sizes = "x".join(f"{s:g}" for s in self.voxel_sizes)
+        """Short human-readable description: shape, signed voxel axes (the affine's
+        diagonal, or its columns when the grid is rotated or its axes are permuted) and
+        origin, so that grids differing only in an axis direction read differently."""
+        linear = self.affine[:3, :3]
+        if np.allclose(linear, np.diag(np.diag(linear)), atol=AFFINE_TOLERANCE_MM):
+            axes = "(" + ", ".join(f"{v:g}" for v in np.diag(linear)) + ") mm"
+        else:
+            axes = " ".join("(" + ", ".join(f"{v:.4g}" for v in column) + ")" for column in linear.T) + " mm"
         origin = ", ".join(f"{o:g}" for o in self.affine[:3, 3])
-        return f"shape {self.shape}, voxels {sizes} mm, origin ({origin})"
+        return f"shape {self.shape}, voxel axes {axes}, origin ({origin})"

@@ -97,6 +97,13 @@ def identify_standard_grid(space: str, grid: Grid) -> int | None:
     return None
 
 
+def space_of_standard_grid(grid: Grid) -> tuple[str, int] | None:
+    """``(space, resolution)`` when ``grid`` is exactly a standard grid of one supported
+    space only (shape and affine), else None."""
+    found = {(space, res) for (space, res) in _STANDARD_GRIDS if standard_grid(space, res).matches(grid)}
+    return found.pop() if len({space for space, _ in found}) == 1 else None
+
+
 def standard_grids_text(space: str) -> str:
     """Describe the standard grids of a space, for error messages."""
     space = canonical_space(space)

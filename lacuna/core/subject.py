@@ -13,7 +13,7 @@ from lacuna.core.entities import parse_entities, parse_resolution, read_sidecar
 from lacuna.core.errors import SpaceError, ValidationError
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.results import Result
-from lacuna.core.spaces import Grid, canonical_space, identify_standard_grid, standard_grids_text
+from lacuna.core.spaces import Grid, canonical_space, identify_standard_grid, space_of_standard_grid, standard_grids_text
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ class SubjectData:
             ``.nii`` or ``.nii.gz`` file.
         space : str, optional
             Template space; else the ``space-`` entity of the file name, else the
-            ``SpatialReference``/``Space`` key of the JSON sidecar.
+            ``SpatialReference``/``Space`` key of the JSON sidecar, else the space whose
+            template grid the image is exactly on (when that grid belongs to one
+            supported space only).
         resolution : float, optional
             Declared resolution in mm (the header wins on disagreement).
         metadata : dict, optional
@@ -111,7 +113,7 @@ class SubjectData:
         ValidationError
             If the file is unreadable or not a valid binary 3-D mask.
         SpaceError
-            If no supported space is declared.
+            If no supported space is declared and the grid is no template grid.
         """
         path = Path(path)
         if not path.is_file():
@@ -120,12 +122,10 @@ class SubjectData:
         sidecar = _read_sidecar_checked(path)
         if space is None:
             space = entities.get("space") or sidecar.get("SpatialReference") or sidecar.get("Space")
+        img = None
         if not space:
-            raise SpaceError(
-                f"{path}: no coordinate space declared; add a space- entity to the file "
-                "name, a 'SpatialReference' key to its JSON sidecar, or pass the space "
-                "explicitly (--mask-space)"
-            )
+            img = _load_image(path)
+            space = _space_from_grid(path, Grid.of(img))
         if not isinstance(space, str):
             raise SpaceError(f"{path}: the sidecar's space {space!r} is not a space name")
         try:
@@ -136,7 +136,7 @@ class SubjectData:
             resolution = parse_resolution(entities.get("res")) or parse_resolution(
                 sidecar.get("Resolution")
             )
-        img = _load_image(path)
+        img = img or _load_image(path)
         info = _metadata_from_entities(entities, path)
         info.update(metadata or {})
         subject = cls(img, space=space, resolution=resolution, metadata=info)
@@ -213,6 +213,21 @@ class SubjectData:
             f"SubjectData({who or 'unnamed'}, space={self.space}, "
             f"res={self.resolution:g}mm, voxels={self.n_voxels}, analyses={list(self.results)})"
         )
+
+
+def _space_from_grid(path: Path, grid: Grid) -> str:
+    """The space of a mask that declares none, when its grid is exactly a template grid
+    of one supported space (logged); SpaceError otherwise."""
+    found = space_of_standard_grid(grid)
+    if found is None:
+        raise SpaceError(
+            f"{path}: no coordinate space declared, and its grid ({grid.describe()}) is not a "
+            "template grid of one supported space; add a space- entity to the file name, a "
+            "'SpatialReference' key to its JSON sidecar, or pass the space explicitly (--mask-space)"
+        )
+    space, resolution = found
+    log.info("%s: no space declared; its grid is the %s %d mm template grid, so that space is used", path, space, resolution)
+    return space
 
 
 def _load_image(path: Path) -> nib.Nifti1Image:

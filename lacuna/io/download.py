@@ -21,10 +21,12 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+from urllib.request import url2pathname
 
 import requests
 import urllib3
@@ -104,7 +106,8 @@ def download_file(
     Parameters
     ----------
     url : str
-        HTTP(S) address; redirects are followed.
+        HTTP(S) address (redirects are followed), or a local file: a ``file://`` URL or
+        a plain path (a mirror that is a folder), which is copied.
     dest : str or Path
         Final path. Its directory is created. An existing file is replaced.
     headers : mapping, optional
@@ -143,6 +146,9 @@ def download_file(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
+    local = local_source(url)
+    if local is not None:
+        return _copy_local(local, dest, part, expected_md5, expected_size, progress)
     shown = redact_url(url)
     with _HeaderStrippingSession(set(headers or ())) as session:
         for attempt in range(retries + 1):
@@ -162,6 +168,31 @@ def download_file(
     _verify(part, shown, expected_md5, expected_size)
     os.replace(part, dest)
     log.debug("downloaded %s to %s", shown, dest)
+    return dest
+
+
+def local_source(url: str) -> Path | None:
+    """The local file a ``file://`` URL or a plain path names; None for other schemes."""
+    if url.startswith("file:"):
+        return Path(url2pathname(urlsplit(url).path))
+    if "://" not in url:
+        return Path(url)
+    return None
+
+
+def _copy_local(
+    source: Path, dest: Path, part: Path, expected_md5: str | None, expected_size: int | None, progress: ProgressCallback | None
+) -> Path:
+    """Copy a file of a local mirror as :func:`download_file` stores a download."""
+    if not source.is_file():
+        raise DownloadError(f"{source} does not exist; check the mirror folder (or file:// URL) and the file name")
+    shutil.copyfile(source, part)
+    if progress is not None:
+        size = part.stat().st_size
+        progress(size, size)
+    _verify(part, str(source), expected_md5, expected_size)
+    os.replace(part, dest)
+    log.debug("copied %s to %s", source, dest)
     return dest
 
 
