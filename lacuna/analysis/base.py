@@ -20,7 +20,7 @@ from lacuna.core.errors import AnalysisError, SpaceError
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.results import Result, VoxelMap
 from lacuna.core.interpolation import axis_maps, coverage_box
-from lacuna.core.spaces import Grid, canonical_space, to_space
+from lacuna.core.spaces import Grid, canonical_space, coverage_note, to_space
 from lacuna.core.subject import SubjectData
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,7 @@ def mask_coverage_box(
         maps = axis_maps(subject.grid, target)
         if maps is not None:
             box, values = coverage_box(subject.mask, subject.grid, target, maps)
-            note = f"resampled from {subject.grid.describe()} to {target.describe()} (half-coverage rule)"
-            record_move(step, [note], subject.space, subject.space)
+            record_move(step, [coverage_note(subject.grid, target)], subject.space, subject.space)
             if box is None:
                 return (slice(0, 0),) * 3, np.zeros((0, 0, 0), dtype=np.float32)
             return box, values

@@ -76,8 +76,6 @@ SINGLE_SEED_MAX_PART = 65536
 _LIMIT = np.float32(R_MAX)
 
 
-
-
 def part_width(n_lesions: int, n_timepoints: int, n_voxels: int, threads: int) -> int:
     """Voxels per part of a block, a multiple of 16 (one AVX-512 register of float32).
 

@@ -230,14 +230,16 @@ class FunctionalNetworkMapping(BatchAnalysis):
         in_flight = GROUPS_IN_FLIGHT * subject_bytes
         return int(np.clip(self.memory_budget // 8, in_flight, MAX_GROUP * in_flight))
 
+    def _lesions_budget(self) -> int:
+        """Bytes for the lesions of one pass: the budget, less the subjects in flight."""
+        return max(self.memory_budget - self._subjects_memory(), 0)
+
     def _chunk_budget(self) -> int:
-        """Bytes for the lesions of one pass: the budget, less the subjects in flight;
-        at most :data:`CACHED_PASS_BYTES` by default for a connectome that the page
-        cache holds."""
-        budget = max(self.memory_budget - self._subjects_memory(), 0)
+        """:meth:`_lesions_budget`, at most :data:`CACHED_PASS_BYTES` by default for a
+        connectome that the page cache holds."""
         if self._budget_is_default and self._connectome_fits_in_page_cache():
-            budget = min(budget, CACHED_PASS_BYTES)
-        return budget
+            return min(self._lesions_budget(), CACHED_PASS_BYTES)
+        return self._lesions_budget()
 
     def _connectome_fits_in_page_cache(self) -> bool:
         stored = sum(f.n_subjects * f.n_timepoints * f.dtype.itemsize for f in self.connectome.files) * self.connectome.n_voxels
@@ -247,7 +249,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
         """How many lesions one pass can map within the memory budget, counting
         ``extra_bytes`` more per lesion (e.g. the caller's copy of each mask, held only
         while the budget, not the page-cache cap, binds)."""
-        within_budget = max(self.memory_budget - self._subjects_memory(), 0) // (self._lesion_bytes() + extra_bytes)
+        within_budget = self._lesions_budget() // (self._lesion_bytes() + extra_bytes)
         return max(1, min(within_budget, self._chunk_budget() // self._lesion_bytes()))
 
     def _chunks(self, prepared: list[PreparedLesion]) -> Iterator[list[PreparedLesion]]:

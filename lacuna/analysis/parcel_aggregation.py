@@ -15,7 +15,7 @@ from lacuna.assets.parcellations import Parcellation, ParcellationImage, get_par
 from lacuna.core.errors import AnalysisError
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.results import ParcelData, Result, VoxelMap
-from lacuna.core.spaces import canonical_space, to_space
+from lacuna.core.spaces import canonical_space, to_space, trilinear_note
 from lacuna.core.subject import SubjectData
 
 METHODS = ("mean", "sum", "max", "percent")
@@ -45,7 +45,8 @@ class ParcelAggregation(Analysis):
     (so ``mean`` is the lesioned fraction of the parcel), VoxelMaps by trilinear
     interpolation. For a VoxelMap in the parcellation's space the two steps are one
     precomputed sparse operator per (map grid, parcellation), applied to the map
-    (:mod:`lacuna.analysis.parcel_operator`; same numbers, no full resampling). Non-finite values are ignored. For 4-D probabilistic atlases every
+    (:mod:`lacuna.analysis.parcel_operator`; same numbers, no full resampling).
+    Non-finite values are ignored. For 4-D probabilistic atlases every
     statistic is weighted by the region's probability (``max`` over voxels with p > 0).
     A parcel with no voxels (or no finite values) gets NaN.
     """
@@ -133,12 +134,8 @@ class ParcelAggregation(Analysis):
         values = np.asarray(voxel_map.data)
         if not np.isfinite(values).all():
             return None
-        record_move(
-            step,
-            [f"{self.source} onto the {image.name} grid: resampled (trilinear) from {voxel_map.grid.describe()} to {image.grid.describe()}"],
-            canonical_space(voxel_map.space),
-            canonical_space(space),
-        )
+        note = f"{self.source} onto the {image.name} grid: {trilinear_note(voxel_map.grid, image.grid)}"
+        record_move(step, [note], canonical_space(voxel_map.space), canonical_space(space))
         return parcel_operator(voxel_map.grid, image).apply(values, self.method, self.threshold)
 
     def _values_on_grid(

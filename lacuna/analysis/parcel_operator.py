@@ -79,7 +79,7 @@ class ParcelOperator:
     def _used_values(self, values: np.ndarray) -> np.ndarray:
         """The values of the source voxels the operator reads (float64), gathered in the
         array's own memory order (a Fortran-ordered map is not copied)."""
-        order = "F" if values.flags.f_contiguous and not values.flags.c_contiguous else "C"
+        order = _memory_order(values)
         if order not in self._columns_by_order:
             ijk = np.unravel_index(self._columns, self.source.shape)
             self._columns_by_order[order] = np.ravel_multi_index(ijk, self.source.shape, order=order)
@@ -124,7 +124,7 @@ def _membership(image: ParcellationImage) -> tuple[np.ndarray, sparse.csr_matrix
     """Flat indices of the voxels in any region, regions x those voxels weights, and the
     order (``"C"`` or ``"F"``) the flat indices follow (the data's own, so that nothing
     large is copied)."""
-    order = "F" if image.data.flags.f_contiguous and not image.data.flags.c_contiguous else "C"
+    order = _memory_order(image.data)
     if image.probabilistic:
         maps = image.data.reshape(-1, image.data.shape[3], order=order)
         per_region = [np.flatnonzero(maps[:, region]) for region in range(image.n_regions)]
@@ -143,6 +143,11 @@ def _membership(image: ParcellationImage) -> tuple[np.ndarray, sparse.csr_matrix
     rows = region[voxels]
     membership = sparse.csr_matrix((np.ones(len(voxels)), (rows, np.arange(len(voxels)))), shape=(image.n_regions, len(voxels)))
     return voxels, membership, order
+
+
+def _memory_order(array: np.ndarray) -> str:
+    """``"F"`` for a Fortran-ordered array (as nibabel reads NIfTI data), else ``"C"``."""
+    return "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
 
 
 def _region_max(membership: sparse.csr_matrix, values: np.ndarray) -> np.ndarray:

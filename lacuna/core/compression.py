@@ -25,8 +25,3 @@ def gzip_bytes(data: bytes) -> bytes:
     if _fast_gzip is not None:
         return _fast_gzip.compress(data, compresslevel=LEVEL, mtime=0)
     return gzip.compress(data, compresslevel=LEVEL, mtime=0)
-
-
-def compressor_name() -> str:
-    """Which deflate implementation :func:`gzip_bytes` uses (for provenance and logs)."""
-    return "isal" if _fast_gzip is not None else "zlib"

@@ -12,6 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from lacuna._version import __version__
+from lacuna.core.atomic import write_json
+from lacuna.core.datadir import get_data_dir
 
 _HASH_BLOCK = 1 << 20
 
@@ -25,8 +27,6 @@ def utc_now() -> str:
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     if size < PERSISTED_DIGEST_BYTES:
         return _sha256_of(path)
-    from lacuna.core.datadir import get_data_dir
-
     store = get_data_dir() / _DIGESTS_FILE
     key = f"{path}\t{size}\t{mtime_ns}"
     known = _persisted_digests(str(store)).get(key)
@@ -64,8 +64,6 @@ def _persisted_digests(store: str) -> dict[str, str]:
 def _persist_digest(store: Path, key: str, digest: str) -> None:
     """Add a digest to the store (best effort: a read-only or shared data directory
     only means hashing again next time; concurrent runs may drop each other's entry)."""
-    from lacuna.core.atomic import write_json
-
     digests = _persisted_digests(str(store))
     digests[key] = digest
     while len(digests) > _DIGESTS_KEPT:

@@ -275,10 +275,10 @@ def to_space(
             notes = []
         elif kind == "mask":
             result = coverage_fraction(data.astype(bool), source.affine, grid)
-            notes = [f"resampled from {source.describe()} to {grid.describe()} (half-coverage rule)"]
+            notes = [coverage_note(source, grid)]
         else:
             result = np.asanyarray(resample_continuous(img, grid).dataobj, dtype=np.float32)
-            notes = [f"resampled (trilinear) from {source.describe()} to {grid.describe()}"]
+            notes = [trilinear_note(source, grid)]
         return _float_image(result, grid), notes
     from lacuna.assets.templates import load_transform, transform_path
     from nitransforms.resampling import apply
@@ -294,6 +294,16 @@ def to_space(
         result = np.clip(result, 0.0, 1.0)
     notes = [f"transformed from {space} to {target_space} ({grid.describe()}) with {path.name} (trilinear)"]
     return _float_image(result, grid), notes
+
+
+def coverage_note(source: Grid, target: Grid) -> str:
+    """Provenance note of a mask moved by the half-coverage rule within a space."""
+    return f"resampled from {source.describe()} to {target.describe()} (half-coverage rule)"
+
+
+def trilinear_note(source: Grid, target: Grid) -> str:
+    """Provenance note of a map resampled trilinearly within a space."""
+    return f"resampled (trilinear) from {source.describe()} to {target.describe()}"
 
 
 def _float_image(data: np.ndarray, grid: Grid) -> nib.Nifti1Image:

@@ -236,6 +236,11 @@ def _save_bytes(data: bytes, path: Path, durable: bool = False) -> None:
     remember_sha256(path, data)
 
 
+def _write_output_json(path: Path, data: dict) -> None:
+    """A sidecar or table of a mask's outputs (not flushed: see :func:`_save_image`)."""
+    write_json(path, data, durable=False)
+
+
 # -------------------------------------------------------------------------- output
 
 
@@ -340,7 +345,7 @@ def _plan_outputs(
         planned.append(
             _PlannedFile(
                 sidecar_of(mask_path),
-                lambda p: write_json(
+                lambda p: _write_output_json(
                     p,
                     {
                         "Type": "Lesion",
@@ -351,7 +356,6 @@ def _plan_outputs(
                         "LesionVolumeUnits": "mm^3",
                         **_raw_sources(subject),
                     },
-                    durable=False,
                 ),
             )
         )
@@ -371,7 +375,7 @@ def _plan_outputs(
     for (_, parcellation, table), columns in parcel_tables.items():
         planned.extend(_plan_parcel_table(columns, names.parcel_table(parcellation, table)))
     if scalars:
-        planned.append(_PlannedFile(names.scalars(), lambda p: write_json(p, scalars, durable=False)))
+        planned.append(_PlannedFile(names.scalars(), lambda p: _write_output_json(p, scalars)))
     return planned
 
 
@@ -403,7 +407,7 @@ def _plan_voxel_map(result: VoxelMap, analysis: str, names: MaskOutputs, mask_pa
     }
     return [
         _PlannedFile(path, lambda p: _write_voxel_map(result, p)),
-        _PlannedFile(sidecar_of(path), lambda p: write_json(p, sidecar, durable=False)),
+        _PlannedFile(sidecar_of(path), lambda p: _write_output_json(p, sidecar)),
     ]
 
 
@@ -449,7 +453,7 @@ def _plan_parcel_table(columns: list[ParcelData], path: Path) -> list[_PlannedFi
     frame = parcel_frame(columns)
     return [
         _PlannedFile(path, lambda p: _write_frame(frame, p)),
-        _PlannedFile(sidecar_of(path), lambda p: write_json(p, sidecar, durable=False)),
+        _PlannedFile(sidecar_of(path), lambda p: _write_output_json(p, sidecar)),
     ]
 
 
@@ -463,7 +467,7 @@ def _plan_connectivity(result: ConnectivityMatrix, key: str, analysis: str, name
     }
     return [
         _PlannedFile(path, lambda p: _write_frame(frame, p)),
-        _PlannedFile(sidecar_of(path), lambda p: write_json(p, sidecar, durable=False)),
+        _PlannedFile(sidecar_of(path), lambda p: _write_output_json(p, sidecar)),
     ]
 
 

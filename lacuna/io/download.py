@@ -146,7 +146,7 @@ def download_file(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
-    local = local_source(url)
+    local = _local_source(url)
     if local is not None:
         return _copy_local(local, dest, part, expected_md5, expected_size, progress)
     shown = redact_url(url)
@@ -171,7 +171,7 @@ def download_file(
     return dest
 
 
-def local_source(url: str) -> Path | None:
+def _local_source(url: str) -> Path | None:
     """The local file a ``file://`` URL or a plain path names; None for other schemes."""
     if url.startswith("file:"):
         return Path(url2pathname(urlsplit(url).path))
