@@ -297,8 +297,19 @@ def _with_nan():
     return data
 
 
-def _flipped_affine():
-    return _affine(2, (1, 1, 1), (-90.0, -126.0, -72.0))  # RAS, right shape
+def _with_degenerate_affine(path):
+    img = nib.Nifti1Image(ball_2mm(1), None)
+    img.set_sform(np.diag([2.0, 2.0, 0.0, 1.0]), code=2)  # the z axis collapsed
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+
+
+def _without_spatial_transform(path):
+    img = nib.Nifti1Image(ball_2mm(1), AFFINE_2MM)
+    img.set_sform(None, code=0)
+    img.set_qform(None, code=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
 
 
 BAD_MASKS = {
@@ -313,21 +324,19 @@ BAD_MASKS = {
     "nan": (mask_name("02"), lambda p: save_mask(p, _with_nan(), AFFINE_2MM), ["NaN"]),
     "truncated": (mask_name("02"), _truncated, ["cannot be read"]),
     "garbage": (mask_name("02"), _garbage, ["cannot be read"]),
-    "grid-of-2009c": (
+    # Any grid of the space is accepted (moved by its affine); what cannot be a brain
+    # lesion in the declared space is not.
+    "scanner-space": (  # a native-space mask: its lesion lies 400 mm from the template's box
         mask_name("02"),
-        lambda p: save_mask(p, np.pad(ball_2mm(1), ((3, 3), (3, 3), (3, 3))), AFFINE_2009C_2MM),
-        ["not a standard", SPACE],
+        lambda p: save_mask(p, ball_2mm(1), _shifted(AFFINE_2MM, 400.0)),
+        ["field of view", "x 4", "--mask-transform"],
     ),
-    "flipped-affine": (
+    "degenerate-affine": (
         mask_name("02"),
-        lambda p: save_mask(p, ball_2mm(1), _flipped_affine()),
-        ["not a standard", SPACE],
+        _with_degenerate_affine,
+        ["degenerate", "voxel sizes"],
     ),
-    "declared-2009c-on-6asym-grid": (
-        mask_name("02", space="MNI152NLin2009cAsym"),
-        lambda p: save_mask(p, ball_2mm(1), AFFINE_2MM),
-        ["not a standard", "MNI152NLin2009cAsym"],
-    ),
+    "no-spatial-transform": (mask_name("02"), _without_spatial_transform, ["sform_code and qform_code"]),
     "space-MNI305": (
         mask_name("02", space="MNI305"),
         lambda p: save_mask(p, ball_2mm(1), AFFINE_2MM),
@@ -368,9 +377,11 @@ def test_bad_mask_fails_alone(tmp_path, case):
     assert_complete(out, "03")
     check_table(table(out, "01"), good)
     assert_valid(out)
-    # Nothing at all was written for the bad mask.
+    # Nothing was written for the bad mask but its crash record, which says why.
     assert not (out / "sub-02").exists()
-    assert not [p for p in out.rglob("*") if "sub-02" in p.name]
+    crash = out / "logs" / f"crash_{bad_name.removesuffix('.nii.gz')}.json"
+    assert [p for p in out.rglob("*") if "sub-02" in p.name] == [crash]
+    assert json.loads(crash.read_text())["error"] in failed_lines[0]
 
 
 def test_all_bad_masks_in_one_dataset_are_each_reported(tmp_path):
@@ -486,7 +497,7 @@ def test_mask_space(tmp_path):
     assert_valid(out)
 
     bad = participant(bids, tmp_path / "out3", "--mask-space", "MNI305")
-    assert bad.exit_code == 2 and "--mask-space" in bad.output
+    assert bad.exit_code == 64 and "--mask-space" in bad.output  # usage error
 
 
 @pytest.mark.parametrize("form", ["repeated", "space-separated"])
@@ -522,9 +533,9 @@ def test_atlas_dir(tmp_path, good_dataset):
     assert inputs[0]["sha256"] == sha256(ATLAS_ROOT / stem)
     # A missing folder is a usage error; an atlas not in the folder is named in the error.
     missing = lacuna(bids, tmp_path / "o2", "participant", "--atlas-dir", tmp_path / "nope")
-    assert missing.exit_code == 2 and "--atlas-dir" in missing.output
+    assert missing.exit_code == 64 and "--atlas-dir" in missing.output
     unknown = participant(bids, tmp_path / "o3", atlases=("NoSuchAtlas_5Parcels",))
-    assert unknown.exit_code == 2 and "NoSuchAtlas_5Parcels" in unknown.output
+    assert unknown.exit_code == 66 and "NoSuchAtlas_5Parcels" in unknown.output  # missing input
     assert not list((tmp_path / "o3").glob("sub-*"))
 
 
@@ -684,24 +695,26 @@ def _one_mask(root: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "setup, options, words",
+    "setup, options, code, words",
     [
-        (_no_description, [], ["dataset_description.json"]),
-        (_no_subjects, [], ["sub-<label>"]),
-        (_only_other_files, [], ["no lesion masks selected"]),
-        (_one_mask, ["--participant-label", "99"], ["no lesion masks selected"]),
-        (_one_mask, ["--session-label", "9"], ["no lesion masks selected"]),
-        (_one_mask, ["--mask-label", "nothing"], ["no lesion masks selected"]),
-        (lambda r: None, [], ["BIDS folder not found"]),
+        (_no_description, [], 16, ["dataset_description.json"]),
+        (_no_subjects, [], 66, ["sub-<label>"]),
+        (_only_other_files, [], 66, ["no lesion masks selected"]),
+        (_one_mask, ["--participant-label", "99"], 18, ["no lesion masks selected"]),
+        (_one_mask, ["--session-label", "9"], 18, ["no lesion masks selected"]),
+        (_one_mask, ["--mask-label", "nothing"], 18, ["no lesion masks selected"]),
+        (lambda r: None, [], 66, ["BIDS folder not found"]),
     ],
     ids=["no-description", "no-subjects", "no-masks", "unknown-participant", "unknown-session", "unknown-label", "missing-folder"],
 )
-def test_unusable_dataset_exits_2(tmp_path, setup, options, words):
+def test_unusable_dataset_exit_codes(tmp_path, setup, options, code, words):
+    """Exit codes of the BIDS execution specification: 16 not BIDS, 66 no input, 18 the
+    filters select nothing."""
     bids = tmp_path / "bids"
     setup(bids)
     out = tmp_path / "out"
     result = participant(bids, out, *options)
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == code, result.output
     for word in words:
         assert word in result.output
     assert "Traceback" not in result.output
@@ -734,7 +747,7 @@ def test_output_dir_equal_to_bids_dir_is_refused(tmp_path):
     description = (bids / "dataset_description.json").read_bytes()
     before = sorted(p.relative_to(bids) for p in bids.rglob("*"))
     result = participant(bids, bids)
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 64, result.output
     assert (bids / "dataset_description.json").read_bytes() == description
     assert sorted(p.relative_to(bids) for p in bids.rglob("*")) == before
 
@@ -981,7 +994,7 @@ def test_group_level_against_numpy(tmp_path):
 
 
 @pytest.mark.parametrize("state", ["missing", "empty", "description-only", "no-provenance"])
-def test_group_without_participant_outputs_exits_2(tmp_path, state):
+def test_group_without_participant_outputs_exits_66(tmp_path, state):
     bids = write_bids_dataset(tmp_path / "bids", {mask_name("01"): (ball_2mm(0), AFFINE_2MM)})
     out = tmp_path / "out"
     if state != "missing":
@@ -991,7 +1004,7 @@ def test_group_without_participant_outputs_exits_2(tmp_path, state):
     if state == "no-provenance":  # a mask whose run never finished
         save_mask(out / "sub-01/anat" / f"sub-01_space-{SPACE}_res-2_label-lesion_mask.nii.gz", ball_2mm(0), AFFINE_2MM)
     result = lacuna(bids, out, "group")
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 66, result.output  # missing input
     assert "participant" in result.output and "Traceback" not in result.output
     assert not (out / "group").exists()
 

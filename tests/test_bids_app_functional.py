@@ -105,7 +105,7 @@ def test_registered_connectome_pini_and_rerun_skips(tmp_path, dataset, shared_at
     second = _run(*args)
     assert "2 skipped" in second.output
     missing = _run(bids, out, "participant", "--analysis", "FunctionalNetworkMapping")
-    assert missing.exit_code == 2 and "--functional-connectome" in missing.output
+    assert missing.exit_code == 64 and "--functional-connectome" in missing.output
 
 
 def test_mixed_space_cohort_and_output_space(tmp_path, dataset, shared_atlases, static_server, monkeypatch):
@@ -151,7 +151,7 @@ def _check_output_space(out, bids, connectome, shared_atlases, output_space) -> 
 def test_unknown_connectome_is_a_clear_error(tmp_path, dataset, shared_atlases):
     bids, _, _ = dataset
     result = _run(bids, tmp_path / "out", "participant", "--functional-connectome", tmp_path / "missing.h5", "--atlas-dir", shared_atlases, "--atlas", ATLAS, "--skip-bids-validation")
-    assert result.exit_code == 2
+    assert result.exit_code == 66  # missing input
     assert "missing.h5" in result.output and "neither a registered functional connectome" in result.output
 
 
@@ -178,3 +178,38 @@ def test_one_lesion_per_pass_gives_the_same_outputs_and_a_time_breakdown(tmp_pat
         np.testing.assert_allclose(nib.load(apart / anat / name).get_fdata(), nib.load(together / anat / name).get_fdata(), rtol=1e-5, atol=1e-5)
         table = f"sub-{subject}_space-{SPACE}_atlas-Schaefer2018_seg-100Parcels7Networks_label-lesion_desc-flnmconnt_parcelstats.tsv"
         pd.testing.assert_frame_equal(pd.read_csv(apart / anat / table, sep="\t"), pd.read_csv(together / anat / table, sep="\t"), atol=1e-5)
+
+
+def test_mask_on_an_spm_grid_maps_back_onto_its_own_grid(tmp_path, dataset, shared_atlases):
+    """A mask on SPM12's 2 mm bounding box (79 x 95 x 79, a lattice of the FSL 2 mm grid):
+    mapped losslessly onto the connectome grid, and with --output-space input its maps
+    are the analysis-space maps resampled (trilinear, by nibabel) onto its own grid."""
+    from nibabel.processing import resample_from_to
+
+    bids, connectome, data = dataset
+    shutil.rmtree(bids / "sub-03")
+    spm = np.diag([-2.0, 2.0, 2.0, 1.0])
+    spm[:3, 3] = (78, -112, -70)  # FSL 2 mm voxel (i, j, k) is SPM voxel (i - 6, j - 7, k - 1)
+    lesion = np.zeros((79, 95, 79), np.uint8)
+    for i, j, k in LESIONS["01"]:
+        lesion[i - 6, j - 7, k - 1] = 1
+    folder = bids / "sub-05" / "anat"
+    folder.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(lesion, spm), folder / f"sub-05_space-{SPACE}_label-lesion_mask.nii.gz")
+    outputs = {}
+    for output_space in ("input", "analysis"):
+        out = tmp_path / output_space
+        result = _run(bids, out, "participant", "--functional-connectome", connectome, "--output-space", output_space, "--atlas-dir", shared_atlases, "--atlas", ATLAS, "--skip-bids-validation")
+        assert result.exit_code == 0, result.output
+        assert validate_bids_derivatives(out, raise_on_error=False)["errors"] == []
+        outputs[output_space] = out / "sub-05" / "anat"
+    analysis_map = nib.load(outputs["analysis"] / f"sub-05_space-{SPACE}_res-2_label-lesion_desc-flnmconnt_statmap.nii.gz")
+    expected = _reference(data.astype(np.float32), _columns(LESIONS["01"]))  # same lesion as sub-01
+    np.testing.assert_allclose(analysis_map.get_fdata()[_mask()], expected["t"], atol=1e-4)
+    # No res- entity on the mask's own (non-template) grid; its Resolution describes the grid.
+    own = outputs["input"] / f"sub-05_space-{SPACE}_label-lesion_desc-flnmconnt_statmap.nii.gz"
+    written = nib.load(own)
+    assert written.shape == (79, 95, 79) and np.allclose(written.affine, spm)
+    np.testing.assert_allclose(written.get_fdata(), resample_from_to(analysis_map, written, order=1).get_fdata(), atol=1e-4)
+    sidecar = json.loads(own.with_name(own.name.replace(".nii.gz", ".json")).read_text())
+    assert "shape (79, 95, 79)" in sidecar["Resolution"]

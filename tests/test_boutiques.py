@@ -53,10 +53,18 @@ def test_descriptor_matches_the_package():
             assert item["command-line-flag"] in help_text, item["id"]
 
 
-def test_bosh_validate(tmp_path):
-    result = _run_bosh("validate", DESCRIPTOR, cwd=tmp_path)
+def test_bosh_validate_as_a_bids_app(tmp_path):
+    result = _run_bosh("validate", "--bids", DESCRIPTOR, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "OK" in result.stdout
+    assert "BIDS validation OK" in result.stdout + result.stderr
+
+
+def test_descriptor_error_codes_are_the_cli_ones():
+    from lacuna.core.exit_codes import ExitCode
+
+    descriptor = json.loads(DESCRIPTOR.read_text())
+    assert {item["code"] for item in descriptor["error-codes"]} == {int(c) for c in ExitCode if c != ExitCode.SUCCESS}
+    assert 2 not in {item["code"] for item in descriptor["error-codes"]}
 
 
 def test_bosh_exec_launch_runs_the_demo(tmp_path):
@@ -73,24 +81,31 @@ def test_bosh_exec_launch_runs_the_demo(tmp_path):
         "atlas_dir": str(atlases),
         "work_dir": str(tmp_path / "work"),
         "nprocs": 2,
+        "nthreads": 2,
+        "omp_nthreads": 1,
         "skip_bids_validation": True,
     }
     (tmp_path / "participant.json").write_text(json.dumps(participant))
     simulated = _run_bosh("exec", "simulate", "-i", tmp_path / "participant.json", DESCRIPTOR, cwd=tmp_path)
     assert simulated.returncode == 0, simulated.stdout + simulated.stderr
-    assert "--participant-label 01 sub-02 --atlas SyntheticDemo_16Parcels" in simulated.stdout
+    assert "--participant_label 01 sub-02 " in simulated.stdout  # the BIDS Apps spelling
+    assert "--atlas SyntheticDemo_16Parcels" in simulated.stdout
+    assert "--nthreads 2 --omp-nthreads 1 --skip_bids_validator" in simulated.stdout
 
     launched = _run_bosh("exec", "launch", "--no-container", "--skip-data-collection", DESCRIPTOR, tmp_path / "participant.json", cwd=tmp_path)
     assert launched.returncode == 0, launched.stdout + launched.stderr
     assert "3 done" in launched.stdout  # sub-01 (two sessions) and sub-02
     assert sorted(p.name for p in out.glob("sub-*")) == ["sub-01", "sub-02"]
-    assert (tmp_path / "work" / "lacuna_participant_config.json").is_file()
+    settings = json.loads((tmp_path / "work" / "lacuna_participant_config.json").read_text())
+    assert (settings["nthreads"], settings["omp_nthreads"], settings["skip_bids_validation"]) == (2, 1, True)
 
     group = {"bids_dir": str(bids), "output_dir": str(out), "analysis_level": "group"}
     (tmp_path / "group.json").write_text(json.dumps(group))
     launched = _run_bosh("exec", "launch", "--no-container", "--skip-data-collection", DESCRIPTOR, tmp_path / "group.json", cwd=tmp_path)
     assert launched.returncode == 0, launched.stdout + launched.stderr
-    assert "Missing files" in launched.stdout and str(out / "group" / "summary.json") in launched.stdout
+    found, missing = launched.stdout.split("Missing files", 1)
+    assert f"{out} (derivatives_folder, Required)" in found.split("Output files", 1)[1]  # the one output
+    assert not missing.strip()
     summary = json.loads((out / "group" / "summary.json").read_text())
     assert summary  # written by the group level
     tables = list((out / "group").glob("atlas-SyntheticDemo_seg-16Parcels_*_parcelstats.tsv"))
@@ -103,4 +118,4 @@ def test_bosh_exec_launch_reports_failure(tmp_path):
     invocation = {"bids_dir": str(bids), "output_dir": str(tmp_path / "out"), "analysis_level": "participant", "participant_label": ["99"]}
     (tmp_path / "bad.json").write_text(json.dumps(invocation))
     launched = _run_bosh("exec", "launch", "--no-container", "--skip-data-collection", DESCRIPTOR, tmp_path / "bad.json", cwd=tmp_path)
-    assert launched.returncode == 2, launched.stdout + launched.stderr
+    assert launched.returncode == 18, launched.stdout + launched.stderr  # the filter selected no mask

@@ -117,5 +117,60 @@ def test_without_lacuna_on_path_it_runs_the_image(demo, tmp_path):
 def test_config_without_input_fails_clearly(demo):
     _, task = demo
     result = _main(task, {"atlas": DEMO_ATLAS}, _native_path())
-    assert result.returncode == 2
+    assert result.returncode == 64  # usage error (BIDS execution specification)
     assert "'bids'" in result.stderr and "'mask'" in result.stderr
+    missing = _main(task, {"bids": str(task / "nothing-here")}, _native_path())
+    assert missing.returncode == 66 and "nothing-here" in missing.stderr  # missing input
+
+
+def test_every_option_reaches_lacuna(demo, tmp_path):
+    """tractogram, output_space, the thread options, a filter file and derivative datasets
+    are passed on (a stand-in lacuna records its arguments)."""
+    inputs, task = demo
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    log = tmp_path / "lacuna.log"
+    (fake / "lacuna").write_text(
+        f"#!{sys.executable}\nimport json, sys\nopen({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    (fake / "lacuna").chmod(0o755)
+    tractogram = inputs / "tracts" / "my tracts.tck"
+    tractogram.parent.mkdir()
+    tractogram.write_bytes(b"")
+    (inputs / "filter.json").write_text('{"mask": {"session": "01"}}')
+    lesions = inputs / "lesions"
+    lesions.mkdir()
+    config = {
+        "bids": str(inputs / "bids"),
+        "tractogram": [str(tractogram), "HCP1065"],
+        "output_space": "analysis",
+        "nthreads": 4,
+        "omp_nthreads": 2,
+        "bids_filter_file": str(inputs / "filter.json"),
+        "derivatives": str(lesions),
+    }
+    result = _main(task, config, f"{fake}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    participant, group = [json.loads(line) for line in log.read_text().splitlines()]
+    assert participant[2] == "participant" and group[2] == "group"
+    pairs = list(zip(participant, participant[1:]))
+    for pair in [
+        ("--tractogram", str(tractogram.resolve())),
+        ("--tractogram", "HCP1065"),
+        ("--output-space", "analysis"),
+        ("--nthreads", "4"),
+        ("--omp-nthreads", "2"),
+        ("--bids-filter-file", str((inputs / "filter.json").resolve())),
+        ("--derivatives", str(lesions.resolve())),
+    ]:
+        assert pair in pairs, (pair, participant)
+
+
+def test_output_space_and_threads_in_a_real_run(demo):
+    inputs, task = demo
+    config = {"bids": str(inputs / "bids"), "participant_label": "02", "atlas": DEMO_ATLAS,
+              "atlas_dir": str(inputs / "atlases"), "output_space": "analysis", "nthreads": 2, "skip_bids_validation": True}
+    result = _main(task, config, _native_path())
+    assert result.returncode == 0, result.stdout + result.stderr
+    settings = json.loads((task / "work" / "lacuna_participant_config.json").read_text())
+    assert (settings["output_space"], settings["nthreads"], settings["participant_labels"]) == ("analysis", 2, ["02"])

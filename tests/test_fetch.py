@@ -680,9 +680,9 @@ def test_cli_fetch_errors(dataverse, tmp_path):
     assert wrong.exit_code == 1 and "API Token" in wrong.output and "bad-key-123" not in wrong.output
     assert not credentials_path().exists()
     misplaced = _cli(["fetch", "hcp1065", "--batches", "3"])
-    assert misplaced.exit_code == 2 and "gsp1000 only" in misplaced.output
-    assert _cli(["fetch"]).exit_code == 2
-    assert _cli(["fetch", "gsp1000", "--save-key"]).exit_code == 2
+    assert misplaced.exit_code == 64 and "gsp1000 only" in misplaced.output  # usage errors
+    assert _cli(["fetch"]).exit_code == 64
+    assert _cli(["fetch", "gsp1000", "--save-key"]).exit_code == 64
     assert _cli(["connectomes", "status", "nope"]).exit_code == 1
 
 

@@ -231,12 +231,14 @@ def test_resolution_override_disagreeing_with_header(bids_root, caplog):
 
 
 def test_space_argument_overrides_entity(bids_root, caplog):
-    # CAS002 is a 2009c mask; declaring it 6Asym must not load it on the wrong grid.
+    # CAS002 is on the 2009c template grid: declared 6Asym, it is analysed as declared,
+    # moved by its affine (never matched by shape), with a warning naming the file.
     with caplog.at_level(logging.WARNING):
         dataset = load_bids_dataset(bids_root, pattern="WMH", space=NLIN6)
-    assert set(dataset) == {K_CAS001_S1_WMH}
-    assert dataset[K_CAS001_S1_WMH].space == NLIN6
-    assert any("CAS002" in m for m in warning_messages(caplog))
+    assert set(dataset) == {K_CAS001_S1_WMH, K_CAS002_S1_WMH}
+    assert {subject.space for subject in dataset.values()} == {NLIN6}
+    assert dataset[K_CAS001_S1_WMH].on_template_grid and not dataset[K_CAS002_S1_WMH].on_template_grid
+    assert any("CAS002" in m and "MNI152NLin2009cAsym 2 mm template grid" in m for m in warning_messages(caplog))
 
 
 def test_unsupported_space_argument_warns_and_skips(bids_root, caplog):

@@ -65,19 +65,21 @@ NAME_6_2 = "sub-01_space-MNI152NLin6Asym_res-2_label-lesion_mask.nii.gz"
 # ----------------------------------------------------------------- space / resolution
 
 
-def test_space_argument_wins_over_entity(tmp_path):
-    # File name says 2009c, but the data are on the 6Asym 2 mm grid; the argument wins
-    # (if the entity won, the grid check would reject the file).
+def test_space_argument_wins_over_entity(tmp_path, caplog):
+    # File name says 2009c, but the data are on the 6Asym 2 mm grid; the argument wins.
     path = write(
         tmp_path / "sub-01_space-MNI152NLin2009cAsym_label-lesion_mask.nii.gz",
         box_mask(spec_shape(NLIN6, 2)),
         spec_affine(NLIN6, 2),
     )
     subject = SubjectData.from_nifti(path, space=NLIN6)
-    assert subject.space == NLIN6
-    assert subject.resolution == 2.0
-    with pytest.raises(ValidationError):
-        SubjectData.from_nifti(path)
+    assert (subject.space, subject.resolution, subject.on_template_grid) == (NLIN6, 2.0, True)
+    # As declared by the entity: a 2009c mask on a grid that is not 2009c's own, analysed
+    # by its affine, with a warning that the grid is another space's template grid.
+    with caplog.at_level(logging.WARNING, logger="lacuna"):
+        subject = SubjectData.from_nifti(path)
+    assert (subject.space, subject.on_template_grid) == (NLIN2009C, False)
+    assert "MNI152NLin6Asym 2 mm template grid" in caplog.text
 
 
 def test_space_entity_wins_over_sidecar(tmp_path):
@@ -249,37 +251,55 @@ def test_rejects_garbage_file(tmp_path):
     _rejects(path)
 
 
-def test_rejects_2009c_2mm_grid_declared_as_6asym(tmp_path):
-    path = write(
-        tmp_path / NAME_6_2,
-        box_mask(spec_shape(NLIN2009C, 2)),
-        spec_affine(NLIN2009C, 2),
-    )
-    _rejects(path)
+def _damage_on(subject: SubjectData, target: Grid) -> np.ndarray:
+    from lacuna.analysis.base import mask_on_grid
+    from lacuna.core.provenance import ProvenanceStep
+
+    return mask_on_grid(subject, target, subject.space, ProvenanceStep(name="test", kind="analysis"))
 
 
-def test_rejects_6asym_shape_with_ras_affine(tmp_path):
-    # Pitfall 1: the shape is the FSL 1 mm shape, but the affine is RAS diag(1,1,1).
+def test_2009c_2mm_grid_declared_as_6asym_is_moved_by_its_affine(tmp_path, caplog):
+    path = write(tmp_path / NAME_6_2, box_mask(spec_shape(NLIN2009C, 2)), spec_affine(NLIN2009C, 2))
+    with caplog.at_level(logging.WARNING, logger="lacuna"):
+        subject = SubjectData.from_nifti(path)
+    assert subject.space == NLIN6 and not subject.on_template_grid
+    assert "MNI152NLin2009cAsym 2 mm template grid" in caplog.text
+
+
+def test_fsl_shape_with_ras_affine_is_moved_losslessly(tmp_path):
+    # Pitfall 1: the FSL 1 mm shape with a RAS affine is not the FSL grid; moved by its
+    # affine, it is the x-mirrored array on the FSL grid (the lattices coincide).
     affine = np.eye(4)
     affine[:3, 3] = (-91, -126, -72)
-    path = write(
-        tmp_path / "sub-01_space-MNI152NLin6Asym_label-lesion_mask.nii.gz",
-        box_mask(spec_shape(NLIN6, 1)),
-        affine,
-    )
-    _rejects(path)
+    data = box_mask(spec_shape(NLIN6, 1))
+    path = write(tmp_path / "sub-01_space-MNI152NLin6Asym_label-lesion_mask.nii.gz", data, affine)
+    subject = SubjectData.from_nifti(path)
+    assert not subject.on_template_grid
+    target = Grid(spec_shape(NLIN6, 1), spec_affine(NLIN6, 1))
+    # RAS voxel i sits at x = i - 91; FSL voxel j at x = 90 - j: j = 181 - i.
+    np.testing.assert_array_equal(_damage_on(subject, target), data[::-1].astype(np.float32))
 
 
-def test_rejects_2009c_grid_off_by_half_voxel(tmp_path):
-    # Pitfall 13: the 2009c 2 mm grid with the 1 mm origin is not a standard grid.
+def test_2009c_grid_off_by_half_voxel_is_resampled(tmp_path):
+    # Pitfall 13: the 2009c 2 mm grid with the 1 mm origin is not a standard grid; moved by
+    # its affine onto the true grid (a quarter-voxel shift on each axis: source voxel i
+    # covers 3/4 of target voxel i and 1/4 of voxel i + 1), volume is conserved.
     affine = spec_affine(NLIN2009C, 2)
     affine[:3, 3] = (-96, -132, -78)
-    path = write(
-        tmp_path / "sub-01_space-MNI152NLin2009cAsym_label-lesion_mask.nii.gz",
-        box_mask(spec_shape(NLIN2009C, 2)),
-        affine,
-    )
-    _rejects(path)
+    data = box_mask(spec_shape(NLIN2009C, 2))
+    path = write(tmp_path / "sub-01_space-MNI152NLin2009cAsym_label-lesion_mask.nii.gz", data, affine)
+    subject = SubjectData.from_nifti(path)
+    moved = _damage_on(subject, Grid(spec_shape(NLIN2009C, 2), spec_affine(NLIN2009C, 2)))
+    weight = {0: 0.75, 1: 0.25}
+    expected = np.zeros(moved.shape)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                expected[dx:, dy:, dz:] += (
+                    weight[dx] * weight[dy] * weight[dz] * data[: moved.shape[0] - dx, : moved.shape[1] - dy, : moved.shape[2] - dz]
+                )
+    np.testing.assert_allclose(moved, expected, atol=1e-6)
+    assert moved.sum() == pytest.approx(data.sum())
 
 
 @pytest.mark.parametrize(
@@ -508,8 +528,8 @@ def test_a_mask_without_a_declared_space_takes_the_space_of_its_template_grid(tm
             subject = SubjectData.from_nifti(path)  # the seed's example, verbatim
         assert (subject.space, subject.resolution) == (space, resolution)
         assert f"{space} {resolution} mm template grid" in caplog.text
-    # The FSL 1 mm lattice stored RAS (x axis reversed) is no template grid: still an
-    # error, and the message shows the signed axes that tell the two apart.
+    # The FSL 1 mm lattice stored RAS (x axis reversed) is no template grid: without a
+    # declared space an error, whose message shows the signed axes that tell the two apart.
     fsl = standard_grid("MNI152NLin6Asym", 1)
     flipped = fsl.affine.copy()
     flipped[0, 0], flipped[0, 3] = 1.0, -91.0
@@ -517,5 +537,4 @@ def test_a_mask_without_a_declared_space_takes_the_space_of_its_template_grid(tm
     save_mask(path, np.ones(fsl.shape, np.uint8), flipped)
     with pytest.raises(SpaceError, match=r"voxel axes \(1, 1, 1\) mm, origin \(-91, -126, -72\)"):
         SubjectData.from_nifti(path)
-    with pytest.raises(Exception, match=r"voxel axes \(1, 1, 1\) mm.*voxel axes \(-1, 1, 1\) mm"):
-        SubjectData.from_nifti(path, space="MNI152NLin6Asym")
+    assert not SubjectData.from_nifti(path, space="MNI152NLin6Asym").on_template_grid

@@ -19,8 +19,8 @@ import numpy as np
 from lacuna.core.errors import AnalysisError, SpaceError
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.results import Result, VoxelMap
-from lacuna.core.interpolation import axis_maps, coverage_box
-from lacuna.core.spaces import Grid, canonical_space, coverage_note, to_space
+from lacuna.core.interpolation import axis_maps, coverage_box, splatted_coverage_box
+from lacuna.core.spaces import HALF_COVERAGE, Grid, canonical_space, coverage_note, standard_grid, to_space
 from lacuna.core.subject import SubjectData
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,9 @@ def mask_on_grid(
         return subject.mask.astype(np.float32)
     moved, notes = to_space(subject.mask_img, subject.space, target_space, grid=target, kind="mask")
     record_move(step, notes, subject.space, target_space)
-    return np.asanyarray(moved.dataobj)
+    coverage = np.asanyarray(moved.dataobj)
+    note_volumes(subject, coverage, target, step)
+    return coverage
 
 
 def mask_coverage_box(
@@ -167,11 +169,37 @@ def mask_coverage_box(
         maps = axis_maps(subject.grid, target)
         if maps is not None:
             box, values = coverage_box(subject.mask, subject.grid, target, maps)
-            record_move(step, [coverage_note(subject.grid, target)], subject.space, subject.space)
-            if box is None:
-                return (slice(0, 0),) * 3, np.zeros((0, 0, 0), dtype=np.float32)
-            return box, values
+        else:
+            box, values = splatted_coverage_box(subject.mask, subject.grid, target)
+        record_move(step, [coverage_note(subject.grid, target)], subject.space, subject.space)
+        if box is None:
+            note_volumes(subject, np.zeros(0, dtype=np.float32), target, step)
+            return (slice(0, 0),) * 3, np.zeros((0, 0, 0), dtype=np.float32)
+        note_volumes(subject, values, target, step)
+        return box, values
     return (slice(None),) * 3, mask_on_grid(subject, target, target_space, step)
+
+
+def note_volumes(subject: SubjectData, coverage: np.ndarray, target: Grid, step: ProvenanceStep) -> None:
+    """Record in ``step`` (and the log) the lesion volume before and after a move onto
+    ``target`` and the fraction of the lesion outside ``target``'s field of view.
+
+    ``coverage`` holds the covered fraction of the target voxels (all, or those of a box
+    around the lesion): its sum is the lesion volume inside the target grid.
+    """
+    before = subject.get_volume_mm3()
+    inside = float(coverage.sum(dtype=np.float64)) * target.voxel_volume_mm3
+    after = int(np.count_nonzero(coverage >= HALF_COVERAGE)) * target.voxel_volume_mm3
+    outside = min(1.0, max(0.0, 1.0 - inside / before)) if before else 0.0
+    note = (
+        f"lesion volume {before:g} mm^3 on the mask grid, {after:g} mm^3 after the move onto "
+        f"{target.describe()}; {100 * outside:.1f}% of the lesion outside that grid's field of view"
+    )
+    if note in step.notes:
+        return
+    step.notes.append(note)
+    who = subject.metadata.get("source_path") or repr(subject)
+    log.log(logging.WARNING if outside >= 0.005 else logging.DEBUG, "%s: %s", who, note)
 
 
 def record_move(step: ProvenanceStep, notes: list[str], source: str, target: str) -> None:
@@ -188,20 +216,25 @@ def record_move(step: ProvenanceStep, notes: list[str], source: str, target: str
 
 
 def voxel_maps_to_space(
-    results: dict[str, Result], space: str, resolution: float, step: ProvenanceStep
+    results: dict[str, Result], space: str, resolution: float, step: ProvenanceStep, grid: Grid | None = None
 ) -> dict[str, Result]:
-    """``results`` with every VoxelMap brought onto the standard grid of ``space`` at
-    ``resolution`` (trilinear; other results unchanged)."""
+    """``results`` with every VoxelMap brought onto ``grid`` of ``space`` (default: the
+    standard grid of ``space`` at ``resolution``), trilinear; other results unchanged."""
+    space = canonical_space(space)
+    grid = grid or standard_grid(space, resolution)
     moved = {}
     for key, result in results.items():
-        if isinstance(result, VoxelMap) and (
-            canonical_space(result.space) != space or float(result.resolution) != float(resolution)
-        ):
+        if isinstance(result, VoxelMap) and (canonical_space(result.space) != space or not result.grid.matches(grid)):
             img = nib.Nifti1Image(np.asarray(result.data, dtype=np.float32), result.affine)
-            out, notes = to_space(img, result.space, space, resolution=resolution, kind="continuous")
+            out, notes = to_space(img, result.space, space, grid=grid, kind="continuous")
             record_move(step, [f"{result.name} map: {note}" for note in notes], canonical_space(result.space), space)
             result = dataclasses.replace(
                 result, data=np.asanyarray(out.dataobj), affine=out.affine, space=space, resolution=float(resolution), written_to=None
             )
         moved[key] = result
     return moved
+
+
+def voxel_maps_to_subject(results: dict[str, Result], subject: SubjectData, step: ProvenanceStep) -> dict[str, Result]:
+    """``results`` with every VoxelMap on the subject's own grid (any grid of its space)."""
+    return voxel_maps_to_space(results, subject.space, subject.resolution, step, grid=subject.grid)

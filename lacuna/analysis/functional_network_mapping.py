@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from lacuna.analysis import functional_kernels as kernels
-from lacuna.analysis.base import BatchAnalysis, mask_on_grid, voxel_maps_to_space
+from lacuna.analysis.base import BatchAnalysis, mask_on_grid, voxel_maps_to_subject
 from lacuna.analysis.compiled_primitives import avx2_blas_on_avx512_cpu
 from lacuna.core.memory import available_memory_bytes, default_memory_budget  # noqa: F401 (documented here before)
 from lacuna.analysis.functional_engine import (
@@ -288,7 +288,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
             for lesion, used, results in zip(chunk, columns, outputs):
                 if self.return_in_input_space:
                     subject = lesion.subject
-                    results = voxel_maps_to_space(results, subject.space, subject.resolution, lesion.step)
+                    results = voxel_maps_to_subject(results, subject, lesion.step)
                 lesion.step.notes.append(
                     f"seed from {used.size} of {lesion.columns.size} lesion voxels in the mask ({self.method})"
                 )

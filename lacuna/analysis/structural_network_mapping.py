@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from lacuna.analysis.base import BatchAnalysis, mask_on_grid, record_move, voxel_maps_to_space
+from lacuna.analysis.base import BatchAnalysis, mask_on_grid, record_move, voxel_maps_to_subject
 from lacuna.io.naming import alphanumeric
 from lacuna.assets.connectomes import STRUCTURAL, ConnectomeError, get_registered_connectome, list_connectomes, resolve_connectome
 from lacuna.assets.parcellations import Parcellation, ParcellationImage, get_parcellation
@@ -248,7 +248,7 @@ class StructuralNetworkMapping(BatchAnalysis):
             f"(mode {index.mode}, count maps upsampled x{index.upsample_ratio})"
         )
         if self.return_in_input_space:
-            results = voxel_maps_to_space(results, subject.space, subject.resolution, step)
+            results = voxel_maps_to_subject(results, subject, step)
         return subject.with_results(self.name, results, step.finish())
 
     def _voxel_results(self, index: TractogramIndex, cut: np.ndarray, count: np.ndarray, n_lesion: int) -> dict[str, Result]:
@@ -307,7 +307,11 @@ class StructuralNetworkMapping(BatchAnalysis):
         label, name = self.connectome_label, self.connectome_name
         table = f"snm{label}"
         columns = {
-            "streamlines_total": (assignment.total_per_parcel.astype(np.float64), "streamlines", "Streamlines with at least one endpoint assigned to the parcel"),
+            "streamlines_total": (
+                assignment.total_per_parcel.astype(np.float64),
+                "streamlines",
+                "Streamlines with at least one endpoint assigned to the parcel",
+            ),
             "streamlines_cut": (cut_per_parcel.astype(np.float64), "streamlines", "Of those, streamlines passing through the lesion"),
             "fraction_cut": (parcel_fraction, "", "Fraction of the parcel's streamlines passing through the lesion; n/a for a parcel without streamlines"),
         }

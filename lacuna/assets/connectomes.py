@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lacuna.assets.registry import JsonRegistry
-from lacuna.core.errors import LacunaError
+from lacuna.core.errors import ReferenceDataError
 from lacuna.core.provenance import utc_now
 from lacuna.core.spaces import canonical_space
 
@@ -26,7 +26,7 @@ STRUCTURAL = "structural"
 _NAME = re.compile(r"^[A-Za-z0-9]+$")
 
 
-class ConnectomeError(LacunaError):
+class ConnectomeError(ReferenceDataError):
     """A connectome cannot be registered, found or read."""
 
 

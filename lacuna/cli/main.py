@@ -11,6 +11,8 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -19,19 +21,27 @@ from lacuna._version import __version__
 from lacuna.cli import messages
 from lacuna.cli.config import ANALYSES, DEFAULT_ANALYSES, DEFAULT_ATLASES, RunConfig
 from lacuna.cli.fetch_commands import connectomes_status, fetch
-from lacuna.core.errors import LacunaError
+from lacuna.cli.group_options import MULTI_VALUE_GROUP_OPTIONS, group_inference_options
+from lacuna.core.errors import LacunaError, UnknownLevelError, UsageError
+from lacuna.core.space_names import ACCEPTED_SPACES
+from lacuna.core.exit_codes import ExitCode, exit_code_for
+from lacuna.core.threads import configure_threads
 
 log = logging.getLogger("lacuna")
 
 #: Options that take several values; ``--atlas A B`` is accepted as ``--atlas A --atlas B``.
 MULTI_VALUE_OPTIONS = (
     "--participant-label",
+    "--participant_label",
     "--session-label",
+    "--session_label",
     "--mask-label",
+    "--mask_label",
     "--atlas",
     "--analysis",
     "--functional-connectome",
     "--tractogram",
+    *MULTI_VALUE_GROUP_OPTIONS,
 )
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _LEVELS = ("participant", "group")
@@ -59,6 +69,35 @@ def expand_multi_value_options(args: list[str]) -> list[str]:
     return expanded
 
 
+@contextmanager
+def _usage_exit_code() -> Iterator[None]:
+    """Give click's usage errors (unknown option, missing argument, bad value) the exit
+    code of the BIDS execution specification (64) instead of click's 2."""
+    try:
+        yield
+    except click.UsageError as exc:
+        exc.exit_code = int(ExitCode.USAGE)
+        raise
+
+
+@contextmanager
+def _without_traceback() -> Iterator[None]:
+    """Turn an error no command handled into one line on stderr and its exit code, so
+    that no traceback reaches a user (``-v`` logs it)."""
+    try:
+        yield
+    except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit, KeyboardInterrupt):
+        raise
+    except (LacunaError, OSError) as exc:
+        log.debug("error that ended the command", exc_info=exc)
+        click.echo(f"Error: {messages.error_text(exc)}", err=True)
+        sys.exit(exit_code_for(exc))
+    except Exception as exc:
+        log.debug("unexpected error", exc_info=exc)
+        click.echo(f"Error: {messages.UNEXPECTED_ERROR.format(kind=type(exc).__name__, error=exc)}", err=True)
+        sys.exit(ExitCode.FAILURE)
+
+
 class BidsAppGroup(click.Group):
     """A group whose default command is the BIDS App (positional form)."""
 
@@ -67,6 +106,14 @@ class BidsAppGroup(click.Group):
         if positional is not None and positional not in self.commands:
             args = ["run", *args]
         return super().parse_args(ctx, args)
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with _usage_exit_code():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context):
+        with _usage_exit_code(), _without_traceback():
+            return super().invoke(ctx)
 
     def format_usage(self, ctx, formatter):
         formatter.write("Usage: lacuna BIDS_DIR OUTPUT_DIR {participant,group} [OPTIONS]\n")
@@ -113,26 +160,61 @@ def cli():
 @cli.command("run", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("bids_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("analysis_level", type=click.Choice(_LEVELS))
+@click.argument("analysis_level", metavar="{participant,group}")
 @click.option(
     "--participant-label",
+    "--participant_label",
     "participant_labels",
     multiple=True,
     metavar="LABEL",
     help="Participant(s) to analyse, with or without 'sub-' (repeatable; space-separated lists work). Default: all.",
 )
-@click.option("--session-label", "session_labels", multiple=True, metavar="LABEL", help="Session(s) to analyse (repeatable). Default: all.")
+@click.option(
+    "--session-label",
+    "--session_label",
+    "session_labels",
+    multiple=True,
+    metavar="LABEL",
+    help="Session(s) to analyse, with or without 'ses-' (repeatable). Default: all.",
+)
 @click.option(
     "--mask-label",
+    "--mask_label",
     "mask_labels",
     multiple=True,
     metavar="LABEL",
     help="Mask label(s) to use: the label- entity of the masks, e.g. acuteinfarct (repeatable). Default: all masks.",
 )
 @click.option(
+    "--bids-filter-file",
+    "--bids_filter_file",
+    "bids_filter_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help='JSON file selecting masks by their entities, as fMRIPrep\'s: {"mask": {"session": "01", '
+    '"acquisition": ["flair", null]}} (null: the entity must be absent).',
+)
+@click.option(
+    "--derivatives",
+    "derivatives",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="A BIDS derivative dataset holding lesion masks, read besides BIDS_DIR (repeatable).",
+)
+@click.option(
     "--mask-space",
-    type=click.Choice(["MNI152NLin6Asym", "MNI152NLin2009cAsym"]),
-    help="Space of masks whose file name and sidecar do not declare one (overrides both).",
+    type=click.Choice(ACCEPTED_SPACES),
+    help="Space of the masks (overrides their file names and sidecars); with --mask-transform, the "
+    "space the transform maps into. The ICBM 2009 family is analysed as MNI152NLin2009cAsym.",
+)
+@click.option(
+    "--mask-transform",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="ITK/ANTs transform (.mat, .txt, .h5, or a displacement-field .nii.gz) from --mask-space to "
+    "the masks' own space, as antsApplyTransforms uses it with the template as reference: each mask "
+    "is moved with it onto the template grid.",
 )
 @click.option(
     "--output-space",
@@ -195,9 +277,34 @@ def cli():
     help="Folder of TemplateFlow-style atlas files (tpl-<space>_res-<NN>_atlas-<A>_desc-<D>_dseg.nii.gz + labels .txt/.tsv).",
 )
 @click.option("-w", "--work-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder for the run settings and temporary files.")
-@click.option("--nprocs", type=click.IntRange(min=1), default=1, show_default=True, help="Masks processed in parallel.")
-@click.option("--skip-bids-validation", is_flag=True, help="Do not report file names the bids-validator package rejects.")
+@click.option("--nprocs", type=click.IntRange(min=1), default=1, show_default=True, help="Masks processed in parallel (processes).")
+@click.option(
+    "--nthreads",
+    "--n_cpus",
+    "--n-cpus",
+    "nthreads",
+    type=click.IntRange(min=1),
+    help="Most threads of the whole run, all processes together (as fMRIPrep's --nthreads). Default: the usable CPUs.",
+)
+@click.option(
+    "--omp-nthreads",
+    "--omp_nthreads",
+    "omp_nthreads",
+    type=click.IntRange(min=1),
+    help="Most threads per process (Lacuna's thread pools, BLAS, OpenMP). Default: --nthreads / --nprocs, "
+    "else $LACUNA_NUM_THREADS, else the usable CPUs.",
+)
+@click.option(
+    "--skip-bids-validation",
+    "--skip_bids_validation",
+    "--skip_bids_validator",
+    "--skip-bids-validator",
+    "skip_bids_validation",
+    is_flag=True,
+    help="Do not report file names the bids-validator package rejects.",
+)
 @click.option("--overwrite", is_flag=True, help="Recompute masks whose outputs are already complete.")
+@group_inference_options
 @click.option("-v", "--verbose", count=True, help="Debug log output.")
 @click.option("-q", "--quiet", count=True, help="Only warnings (-qq: only errors).")
 def run_command(bids_dir, output_dir, analysis_level, verbose, quiet, analyses, atlases, **options):
@@ -210,6 +317,10 @@ def run_command(bids_dir, output_dir, analysis_level, verbose, quiet, analyses, 
                  lesion-overlap maps and a summary (never recomputes analyses).
     """
     _setup_logging(verbose, quiet)
+    if analysis_level not in _LEVELS:
+        _exit_with(UnknownLevelError(messages.UNKNOWN_LEVEL.format(level=analysis_level)))
+    if options.get("mask_transform") and not options.get("mask_space"):
+        _exit_with(UsageError(messages.MASK_TRANSFORM_WITHOUT_SPACE))
     canonical = {name.lower(): name for name in ANALYSES}
     config = RunConfig(
         bids_dir=bids_dir,
@@ -224,13 +335,25 @@ def run_command(bids_dir, output_dir, analysis_level, verbose, quiet, analyses, 
         },
     )
     try:
+        threads = configure_threads(config.nprocs, config.nthreads, config.omp_nthreads)
+        log.debug("%d process(es), %d thread(s) per process", config.nprocs, threads)
         if analysis_level == "participant":
             _run_participant(config)
         else:
             _run_group(config)
-    except LacunaError as exc:
-        log.error("%s", exc)
-        sys.exit(2)
+    except (LacunaError, OSError) as exc:
+        _exit_with(exc)
+    except Exception as exc:  # a bug: one line for the user, the traceback with -v
+        log.debug("unexpected error", exc_info=True)
+        log.error("%s", messages.UNEXPECTED_ERROR.format(kind=type(exc).__name__, error=exc))
+        sys.exit(ExitCode.FAILURE)
+
+
+def _exit_with(exc: BaseException) -> None:
+    """Log the one-line message of an error that ends the run; exit with its code."""
+    log.debug("error that ended the run", exc_info=exc)
+    log.error("%s", messages.error_text(exc))
+    sys.exit(exit_code_for(exc))
 
 
 def _run_participant(config: RunConfig) -> None:
@@ -242,16 +365,25 @@ def _run_participant(config: RunConfig) -> None:
     summary = run_participant(config)
     click.echo(summary.text())
     if summary.failed:
-        sys.exit(1)
+        sys.exit(ExitCode.FAILURE)
 
 
 def _run_group(config: RunConfig) -> None:
     from lacuna.io.group import run_group
 
-    summary = run_group(config.output_dir)
+    from lacuna.io.group_design import InferenceOptions
+
+    summary = run_group(
+        config.output_dir, config.participant_labels, config.session_labels, config.mask_labels,
+        inference=InferenceOptions.from_config(config),
+    )
     click.echo(
         messages.GROUP_SUMMARY.format(
-            n=len(summary.masks), incomplete=len(summary.incomplete), files=len(summary.written), path=config.output_dir
+            n=len(summary.masks),
+            incomplete=len(summary.incomplete),
+            failed=len(summary.failed),
+            files=len(summary.written),
+            path=config.output_dir,
         )
     )
 
@@ -296,7 +428,11 @@ def atlases_fetch(names, fetch_all, verbose):
 @atlases.command("register")
 @click.argument("name")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labels file (names per line, 'id name' lines, or TSV with index/name).")
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Labels file (names per line, 'id name' lines, or TSV with index/name).",
+)
 @click.option("--space", required=True, type=click.Choice(["MNI152NLin6Asym", "MNI152NLin2009cAsym", "MNI152NLin2009aAsym"]))
 @click.option("--citation", default="", help="How to cite the atlas.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing registration of NAME.")

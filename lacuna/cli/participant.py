@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import logging
-import multiprocessing
 import os
 import signal
 import threading
@@ -14,29 +13,40 @@ import traceback
 from contextlib import contextmanager
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lacuna.analysis.base import Analysis, BatchAnalysis, voxel_maps_to_space
+from lacuna.analysis.base import Analysis, BatchAnalysis, voxel_maps_to_subject
 from lacuna.analysis.parcel_aggregation import ParcelAggregation
 from lacuna.analysis.regional_damage import RegionalDamage
 from lacuna.cli import messages
-from lacuna.cli.config import MASK_SUFFIXES, RunConfig
+from lacuna.cli.config import RunConfig
 from lacuna.core.entities import parse_entities
+from lacuna.cli.selection import (
+    MaskSource,
+    check_bids_dataset,
+    check_writable_folder,
+    mask_sources,
+    select_masks,
+    source_of,
+)
 from lacuna.core.errors import BidsError, ValidationError
-from lacuna.core.provenance import ProvenanceStep
+from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.subject import SubjectData
 from lacuna.core.atomic import remove_stale_temporaries
+from lacuna.core.process_pool import process_pool
 from lacuna.core.threads import worker_threads
 from lacuna.core.timing import PhaseTimes, Progress
 from lacuna.io.bids import (
     export_bids_derivatives,
-    find_mask_files,
     initialise_derivatives,
     outputs_complete,
     write_voxel_maps,
 )
+from lacuna.io.bids_layout import inherited_metadata, walk_dataset
+from lacuna.io.citation import write_citation
+from lacuna.io.integrity import clear_crash_record, write_crash_record
 from lacuna.io.naming import MaskOutputs
 
 log = logging.getLogger(__name__)
@@ -53,6 +63,7 @@ class MaskOutcome:
     status: str  # "done", "skipped" or "failed"
     message: str = ""
     seconds: float = 0.0
+    details: str = ""  # the traceback of a failure (kept in its crash record)
 
 
 @dataclass
@@ -82,18 +93,6 @@ class ParticipantSummary:
         return "\n".join(lines)
 
 
-def check_bids_dataset(bids_dir: Path, output_dir: Path | None = None) -> None:
-    """Fail only on what makes the dataset unusable (or would damage it)."""
-    if output_dir is not None and (output_dir == bids_dir or output_dir in bids_dir.parents):
-        raise BidsError(messages.OUTPUT_CONTAINS_INPUT.format(output=output_dir, bids=bids_dir))
-    if not bids_dir.is_dir():
-        raise BidsError(messages.NO_BIDS_DIR.format(path=bids_dir))
-    if not (bids_dir / "dataset_description.json").is_file():
-        raise BidsError(messages.NO_DESCRIPTION.format(path=bids_dir))
-    if not any(p.is_dir() and p.name.startswith("sub-") for p in bids_dir.iterdir()):
-        raise BidsError(messages.NO_SUBJECTS.format(path=bids_dir))
-
-
 def report_bids_validation(bids_dir: Path, skip: set[Path]) -> list[str]:
     """Check file names with the ``bids-validator`` package; a report, never a gate.
 
@@ -104,15 +103,7 @@ def report_bids_validation(bids_dir: Path, skip: set[Path]) -> list[str]:
 
     validator = BIDSValidator()
     rejected = []
-    for path in sorted(bids_dir.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(bids_dir).parts):
-            continue
-        if any(parent in skip for parent in path.parents) or path.relative_to(bids_dir).parts[0] in (
-            "derivatives",
-            "sourcedata",
-            "code",
-        ):
-            continue
+    for path in walk_dataset(bids_dir, exclude=skip):  # without .bidsignore'd files, nested datasets
         relative = "/" + path.relative_to(bids_dir).as_posix()
         if not validator.is_bids(relative):
             rejected.append(relative)
@@ -121,23 +112,6 @@ def report_bids_validation(bids_dir: Path, skip: set[Path]) -> list[str]:
     else:
         log.info("bids-validator: all file names are valid BIDS")
     return rejected
-
-
-def select_masks(config: RunConfig) -> list[Path]:
-    """Masks chosen by the participant, session and mask-label filters."""
-    exclude = [p for p in (config.output_dir, config.work_dir) if p]
-    paths = []
-    for suffix in MASK_SUFFIXES:
-        paths += find_mask_files(config.bids_dir, suffix=suffix, subjects=config.participant_labels or None, exclude=exclude)
-    selected = []
-    for path in sorted(set(paths)):
-        entities = parse_entities(path.name)
-        if config.session_labels and entities.get("ses") not in config.session_labels:
-            continue
-        if config.mask_labels and (entities.get("label") or entities.get("desc")) not in config.mask_labels:
-            continue
-        selected.append(path)
-    return selected
 
 
 def build_analyses(config: RunConfig) -> list[Analysis]:
@@ -200,6 +174,7 @@ def run_fingerprint(config: RunConfig, analyses: list[Analysis]) -> dict:
     """What decides whether existing outputs are still valid for this run."""
     return {
         "mask_space": config.mask_space,
+        "mask_transform": InputFile.from_path("mask_transform", config.mask_transform).sha256 if config.mask_transform else None,
         "output_space": config.output_space,
         "analyses": [
             {
@@ -216,10 +191,12 @@ def prepare_mask(path: Path, config: RunConfig, analyses: list[Analysis], finger
     """Load a mask and run the per-mask analyses; an outcome when skipped or failed."""
     start = time.perf_counter()
     try:
-        subject = SubjectData.from_nifti(path, space=config.mask_space)
+        source = source_of(path, mask_sources(config))
+        subject = SubjectData.from_nifti(path, space=_declared_space(path, config, source), transform=config.mask_transform)
         if not subject.subject_id:
             raise BidsError(f"{path}: no sub- entity in the file name")
-        subject.metadata["bids_relpath"] = path.relative_to(config.bids_dir).as_posix()
+        subject.metadata["bids_relpath"] = path.relative_to(source.root).as_posix()
+        subject.metadata["bids_dataset"] = source.link
         remove_stale_temporaries(config.output_dir / MaskOutputs.for_subject(subject).folder)
         if not config.overwrite and outputs_complete(config.output_dir, subject, RUN_STEP, fingerprint):
             return MaskOutcome(path, "skipped", messages.SKIPPED_COMPLETE, time.perf_counter() - start)
@@ -228,6 +205,18 @@ def prepare_mask(path: Path, config: RunConfig, analyses: list[Analysis], finger
         return subject
     except Exception as exc:  # isolate every failure to its mask
         return _failure(path, exc, start)
+
+
+def _declared_space(path: Path, config: RunConfig, source: MaskSource) -> str | None:
+    """``--mask-space``, else the space its sidecars declare by the BIDS inheritance
+    principle (e.g. a dataset-level ``label-lesion_mask.json``); None leaves it to the
+    file name or the grid."""
+    if config.mask_space:
+        return config.mask_space
+    if parse_entities(path.name).get("space"):
+        return None
+    metadata = inherited_metadata(path, source.root)
+    return metadata.get("SpatialReference") or metadata.get("Space") or None
 
 
 def finish_mask(subject: SubjectData, config: RunConfig, fingerprint: dict, start: float) -> MaskOutcome:
@@ -252,9 +241,10 @@ def process_mask(path: Path, config: RunConfig, analyses: list[Analysis], finger
 
 
 def _failure(path: Path, exc: Exception, start: float) -> MaskOutcome:
-    log.debug("failure on %s:\n%s", path, traceback.format_exc())
+    details = "".join(traceback.format_exception(exc))
+    log.debug("failure on %s:\n%s", path, details)
     message = str(exc) if str(path) in str(exc) else f"{path.name}: {exc}"
-    return MaskOutcome(path, "failed", f"{type(exc).__name__}: {message}", time.perf_counter() - start)
+    return MaskOutcome(path, "failed", f"{type(exc).__name__}: {message}", time.perf_counter() - start, details)
 
 
 # Worker state for parallel runs: analyses are built once per process.
@@ -305,16 +295,21 @@ def run_participant(config: RunConfig) -> ParticipantSummary:
     times = PhaseTimes()
     with times.phase("dataset, atlases and connectomes"):
         check_bids_dataset(config.bids_dir, config.output_dir)
+        sources = mask_sources(config)
         if not config.skip_bids_validation:
             report_bids_validation(config.bids_dir, {p for p in (config.output_dir, config.work_dir) if p})
-        masks = select_masks(config)
-        if not masks:
-            raise BidsError(messages.NO_MASKS.format(path=config.bids_dir))
+        masks = select_masks(config, sources)
         log.info("selected %d mask(s)", len(masks))
+        for folder in (config.output_dir, config.work_dir):
+            if folder:
+                check_writable_folder(folder)
         analyses = build_analyses(config)  # resolves (and downloads) atlases once, up front
         batch = build_batch_analyses(config)
         fingerprint = run_fingerprint(config, analyses + batch)
-        initialise_derivatives(config.output_dir, source_dir=config.bids_dir)
+        initialise_derivatives(
+            config.output_dir, source_dir=config.bids_dir, linked={s.link: s.root for s in sources[1:]}
+        )
+        write_citation(config.output_dir, analyses + batch)
     summary = ParticipantSummary()
     masks, duplicates = _split_duplicate_outputs(masks)
     summary.outcomes.extend(duplicates)
@@ -324,6 +319,7 @@ def run_participant(config: RunConfig) -> ParticipantSummary:
         else:
             _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times)
     summary.outcomes.sort(key=lambda o: str(o.path))
+    _record_outcomes(config, sources, summary.outcomes)
     log.debug("where the time went (phases on background threads overlap the others):")
     times.log(log)
     return summary
@@ -335,13 +331,8 @@ def _mask_pool(config: RunConfig, n_masks: int, fingerprint: dict):
     if config.nprocs <= 1 or n_masks <= 1:
         yield None
         return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=min(config.nprocs, n_masks),
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(config, logging.getLogger().getEffectiveLevel(), fingerprint),
-    ) as pool:
+    initargs = (config, logging.getLogger().getEffectiveLevel(), fingerprint)
+    with process_pool(min(config.nprocs, n_masks), _init_worker, initargs) as pool:
         yield pool
 
 
@@ -499,7 +490,7 @@ def _maps_to_input_space(subject: SubjectData, analysis_name: str) -> SubjectDat
     """Bring one analysis' voxel maps onto the mask's own space and grid (parcel-level
     results, computed before, are unaffected)."""
     step = next(s for s in reversed(subject.provenance) if s.name == analysis_name)
-    moved = voxel_maps_to_space(subject.results[analysis_name], subject.space, subject.resolution, step)
+    moved = voxel_maps_to_subject(subject.results[analysis_name], subject, step)
     new = copy.copy(subject)
     new.results = {**subject.results, analysis_name: moved}
     return new
@@ -508,7 +499,22 @@ def _maps_to_input_space(subject: SubjectData, analysis_name: str) -> SubjectDat
 def _output_key(path: Path) -> tuple:
     entities = parse_entities(path.name)
     label = entities.get("label") or entities.get("desc") or "lesion"
-    return tuple(entities.get(k) for k in ("sub", "ses", "acq", "run")) + (label,)
+    mask_desc = entities.get("desc") if entities.get("label") else None  # kept in output names
+    return tuple(entities.get(k) for k in ("sub", "ses", "acq", "run")) + (label, mask_desc)
+
+
+def _record_outcomes(config: RunConfig, sources: list[MaskSource], outcomes: list[MaskOutcome]) -> None:
+    """A crash record in ``logs/`` for each failed mask; the record of each mask that now
+    succeeded (or was complete) is removed."""
+    for outcome in outcomes:
+        try:
+            if outcome.status == "failed":
+                relative = outcome.path.relative_to(source_of(outcome.path, sources).root).as_posix()
+                write_crash_record(config.output_dir, outcome.path, relative, outcome.message, outcome.details)
+            else:
+                clear_crash_record(config.output_dir, outcome.path)
+        except OSError as exc:
+            log.warning("cannot record the outcome of %s in %s/logs: %s", outcome.path.name, config.output_dir, exc)
 
 
 def _split_duplicate_outputs(masks: list[Path]) -> tuple[list[Path], list[MaskOutcome]]:

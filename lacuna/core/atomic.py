@@ -7,10 +7,14 @@ the target in one ``os.replace``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +42,7 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stem, ext = _split_extension(path.name)
-    temporary = path.with_name(f".{stem}{TEMP_MARKER}{os.getpid()}-{threading.get_ident()}{ext}")
+    temporary = path.with_name(f".{stem}{TEMP_MARKER}{owner_tag()}-{threading.get_ident()}{ext}")
     try:
         yield temporary
         if durable:
@@ -85,12 +89,55 @@ def write_json(path: str | Path, data, indent: int | None = 2, durable: bool = T
     return path
 
 
+#: Temporaries of another machine (shared file system) older than this are stale.
+FOREIGN_TEMPORARY_AGE_S = 7 * 24 * 3600
+_OWNER = re.compile(re.escape(TEMP_MARKER) + r"(?P<host>[0-9a-f]{8})(?P<pid>\d+)-")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def owner_tag() -> str:
+    """Who owns a temporary file: this machine (a hash of its name) and process id."""
+    return f"{_host_tag()}{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_stale_temporary(path: Path) -> bool:
+    """Whether ``path`` is a temporary whose writer is gone: a process of this machine
+    that no longer runs, a temporary of another machine older than
+    :data:`FOREIGN_TEMPORARY_AGE_S`, or one of an older Lacuna (no owner in its name)
+    older than a day. A live run's temporaries are never stale."""
+    match = _OWNER.search(path.name)
+    if match and match["host"] == _host_tag():
+        return not _process_alive(int(match["pid"]))
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return False
+    return age > (FOREIGN_TEMPORARY_AGE_S if match else 24 * 3600)
+
+
 def remove_stale_temporaries(folder: str | Path) -> int:
-    """Delete temporaries left in ``folder`` by a killed run; returns how many."""
+    """Delete temporaries left in ``folder`` by runs that were killed; returns how many.
+
+    Only temporaries of dead writers go (:func:`is_stale_temporary`): two runs on the
+    same output folder never delete each other's files.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    stale = [p for p in folder.iterdir() if p.name.startswith(".") and TEMP_MARKER in p.name]
+    stale = [p for p in folder.iterdir() if p.name.startswith(".") and TEMP_MARKER in p.name and is_stale_temporary(p)]
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)

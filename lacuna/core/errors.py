@@ -40,3 +40,34 @@ class AuthenticationError(DownloadError):
 
 class ProcessingError(LacunaError):
     """Raised when converting downloaded data fails."""
+
+
+# Errors of a BIDS App run as a whole (each has its exit code in lacuna.core.exit_codes).
+
+
+class UsageError(LacunaError):
+    """Raised when options or arguments are wrong (an unknown level, a bad filter file)."""
+
+
+class UnknownLevelError(UsageError):
+    """Raised for an analysis level other than ``participant`` or ``group``."""
+
+
+class InputNotFoundError(BidsError):
+    """Raised when the input folder, or the files the run needs in it, are missing."""
+
+
+class InvalidDatasetError(BidsError):
+    """Raised when the input folder is not a BIDS dataset (no dataset_description.json)."""
+
+
+class NothingSelectedError(BidsError):
+    """Raised when the participant, session or label filters select no mask."""
+
+
+class OutputError(LacunaError):
+    """Raised when an output file or folder cannot be created or written."""
+
+
+class ReferenceDataError(LacunaError):
+    """Raised when reference data (a connectome, a transform) cannot be found or read."""

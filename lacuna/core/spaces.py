@@ -1,6 +1,7 @@
 """Coordinate spaces, their standard voxel grids, and resampling onto a grid.
 
-Lesion masks live in one of the supported template spaces. A space is a coordinate
+Lesion masks live in one of the supported template spaces (or the ICBM 2009 family,
+analysed in MNI152NLin2009cAsym's coordinates). A space is a coordinate
 system in millimetres; a *grid* is a voxel lattice (shape + affine) in it. Two images are
 only combined voxel by voxel when their grids agree (shape and affine within
 :data:`AFFINE_TOLERANCE_MM`); otherwise one is resampled by its affine, never matched by
@@ -9,18 +10,18 @@ shape alone.
 Resampling rules
 ----------------
 * Binary masks (:func:`resample_mask`): a target voxel is lesioned when at least half of
-  its volume lies in lesioned source voxels. The covered fraction is measured by
-  sampling the mask (nearest source voxel, ``scipy.ndimage.affine_transform`` with
-  ``order=0``) at ``k x k x k`` sub-points of the target voxel, at offsets
-  ``(j + 1/2) / k - 1/2`` of a voxel, with ``k = 4 * ceil(target voxel size / source
-  voxel size)``. The sub-points never fall on a source voxel boundary when the grids'
-  boundaries are a multiple of a quarter voxel apart, and the result is then the exact
-  partial-volume fraction: this holds for every pair of standard grids (1 <-> 2 mm, and
-  the quarter-voxel offset between the 6Asym and 2009c 2 mm grids). Between
-  axis-aligned grids (:mod:`lacuna.core.interpolation`) the exact fraction is computed
-  directly, as a product of one-dimensional overlaps; other grids get the sampled
-  estimate, within 1/k per axis. Only the lesion's bounding box is computed, so the
-  cost follows the lesion's size, not the grid's.
+  its volume lies in lesioned source voxels. Masks may be on any grid of their space.
+  Between axis-aligned grids (any voxel size, field of view, axis order or direction:
+  SPM and cropped grids, RAS-stored FSL lattices; :mod:`lacuna.core.interpolation`)
+  the covered fraction is exact, a product of one-dimensional overlaps, and a move
+  between lattices that coincide is lossless. Between other grids (oblique) it is
+  estimated from sub-voxels of the lesion: each lesioned source voxel is split into
+  ``s x s x s`` parts (``s = 4 * ceil(source voxel size / target voxel size)``) whose
+  centres credit their volume to the target voxel holding them; the estimate is within
+  about ``1/s`` of a source voxel per axis at the lesion's edge and conserves the
+  volume. Only the lesion's bounding box is computed, so the cost follows the lesion's
+  size, not the grid's. Each move records the lesion volume before and after and the
+  fraction of the lesion outside the target's field of view (provenance and log).
 * Continuous maps (:func:`resample_continuous`): trilinear interpolation
   (``nibabel.processing.resample_from_to``, ``order=1``), zero outside the source;
   between axis-aligned grids the same interpolation as three one-dimensional products.
@@ -28,8 +29,6 @@ Resampling rules
 
 from __future__ import annotations
 
-import itertools
-import math
 import warnings
 
 import nibabel as nib
@@ -37,16 +36,8 @@ import numpy as np
 
 from lacuna.core.errors import SpaceError
 from lacuna.core.grid import AFFINE_TOLERANCE_MM, Grid  # noqa: F401 (Grid is documented here)
-from lacuna.core.interpolation import axis_maps, separable_coverage, separable_trilinear
-
-#: Spaces a lesion mask may be declared in.
-SUPPORTED_SPACES = ("MNI152NLin6Asym", "MNI152NLin2009cAsym")
-
-#: Spaces that share the coordinate system of a supported space. MNI152NLin2009aAsym and
-#: MNI152NLin2009cAsym are two releases of the same ICBM 2009 nonlinear asymmetric
-#: template and are aligned to each other, so atlases published in 2009a (HCP1065) are
-#: used on 2009c grids without a transform.
-EQUIVALENT_SPACES = {"MNI152NLin2009aAsym": "MNI152NLin2009cAsym"}
+from lacuna.core.interpolation import axis_maps, separable_coverage, separable_trilinear, splatted_coverage_box
+from lacuna.core.space_names import ACCEPTED_SPACES, EQUIVALENT_SPACES, SUPPORTED_SPACES  # noqa: F401 (documented here)
 
 # (space, resolution mm) -> (shape, voxel axes, origin); TemplateFlow template descriptions.
 _STANDARD_GRIDS = {
@@ -55,6 +46,25 @@ _STANDARD_GRIDS = {
     ("MNI152NLin2009cAsym", 1): ((193, 229, 193), (1, 1, 1), (-96, -132, -78)),
     ("MNI152NLin2009cAsym", 2): ((97, 115, 97), (2, 2, 2), (-96.5, -132.5, -78.5)),
 }
+
+# Other published template grids a mask may be on (space, resolution mm): the ICBM 2009a
+# 1 mm grid (mni_icbm152_nlin_sym_09a, the grid of ATLAS v2.0 and of nilearn's template).
+_OTHER_TEMPLATE_GRIDS = {
+    ("MNI152NLin2009aSym", 1): ((197, 233, 189), (1, 1, 1), (-98, -134, -72)),
+}
+
+
+def frame_approximation(space: str) -> str | None:
+    """The provenance note of a space analysed in another space's coordinate system
+    (:data:`EQUIVALENT_SPACES`), or None when the space is supported as it is."""
+    target = EQUIVALENT_SPACES.get(space)
+    if target is None:
+        return None
+    return (
+        f"{space} treated as the coordinate system of {target} (identity: both are ICBM 2009 "
+        "nonlinear templates in the same MNI frame; differences of up to a few mm in the "
+        "template shape are not corrected)"
+    )
 
 
 def canonical_space(name: str) -> str:
@@ -74,6 +84,13 @@ def canonical_space(name: str) -> str:
     return name
 
 
+def _grid_from(shape, axes, origin) -> Grid:
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(axes)
+    affine[:3, 3] = origin
+    return Grid(shape, affine)
+
+
 def standard_grid(space: str, resolution: float) -> Grid:
     """The TemplateFlow grid of ``space`` at ``resolution`` mm (1 or 2)."""
     key = (canonical_space(space), _as_int_resolution(resolution))
@@ -81,11 +98,7 @@ def standard_grid(space: str, resolution: float) -> Grid:
         raise SpaceError(
             f"no standard {key[0]} grid at {resolution} mm; available resolutions: 1, 2"
         )
-    shape, axes, origin = _STANDARD_GRIDS[key]
-    affine = np.eye(4)
-    affine[:3, :3] = np.diag(axes)
-    affine[:3, 3] = origin
-    return Grid(shape, affine)
+    return _grid_from(*_STANDARD_GRIDS[key])
 
 
 def identify_standard_grid(space: str, grid: Grid) -> int | None:
@@ -98,10 +111,21 @@ def identify_standard_grid(space: str, grid: Grid) -> int | None:
 
 
 def space_of_standard_grid(grid: Grid) -> tuple[str, int] | None:
-    """``(space, resolution)`` when ``grid`` is exactly a standard grid of one supported
-    space only (shape and affine), else None."""
-    found = {(space, res) for (space, res) in _STANDARD_GRIDS if standard_grid(space, res).matches(grid)}
+    """``(space, resolution)`` when ``grid`` is exactly a known template grid (shape and
+    affine: the TemplateFlow grids of the supported spaces, the ICBM 2009a 1 mm grid) of
+    one space only, else None. The space is the template's own name (possibly one of
+    :data:`EQUIVALENT_SPACES`)."""
+    grids = {**_STANDARD_GRIDS, **_OTHER_TEMPLATE_GRIDS}
+    found = {key for key, description in grids.items() if _grid_from(*description).matches(grid)}
     return found.pop() if len({space for space, _ in found}) == 1 else None
+
+
+def template_field_of_view(space: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, high)`` corners (mm) of the 1 mm template grid of ``space``: the box a
+    lesion must overlap to be a brain lesion in that space."""
+    grid = standard_grid(space, 1)
+    corners = np.array([[0, 0, 0, 1], [*(np.array(grid.shape) - 1), 1]], float) @ grid.affine.T
+    return corners[:, :3].min(axis=0), corners[:, :3].max(axis=0)
 
 
 def standard_grids_text(space: str) -> str:
@@ -147,64 +171,17 @@ HALF_COVERAGE = 0.5 - 1e-6
 
 def coverage_fraction(mask: np.ndarray, source_affine: np.ndarray, target: Grid) -> np.ndarray:
     """Fraction (0..1) of each target voxel covered by the mask (see module docs):
-    exact and separable between axis-aligned grids, sampled otherwise."""
+    exact and separable between axis-aligned grids, estimated from sub-voxels of the
+    lesion otherwise (:func:`lacuna.core.interpolation.splatted_coverage_box`)."""
     source = Grid(tuple(mask.shape), np.asarray(source_affine, float))
     maps = axis_maps(source, target)
     if maps is not None:
         return separable_coverage(mask, source, target, maps)
-    return sampled_coverage(mask, source.affine, target)
-
-
-def sampled_coverage(mask: np.ndarray, source_affine: np.ndarray, target: Grid) -> np.ndarray:
-    """Coverage fractions estimated at ``k x k x k`` sub-points per target voxel (module
-    docs); the rule for grids that are not axis-aligned."""
-    from scipy import ndimage  # imported when needed: it takes a quarter of a second
-
-    source_affine = np.asarray(source_affine, float)
     fraction = np.zeros(target.shape, dtype=np.float32)
-    box = _target_box(mask, source_affine, target)
-    if box is None:
-        return fraction
-    low, high = box
-    source_sizes = Grid(mask.shape, source_affine).voxel_sizes
-    k = 4 * max(1, math.ceil(float(target.voxel_sizes.max() / source_sizes.min()) - 1e-6))
-    # Target voxel indices (relative to the box corner) -> source voxel indices.
-    box_affine = target.affine.copy()
-    box_affine[:3, 3] = target.affine[:3, :3] @ low + target.affine[:3, 3]
-    target_to_source = np.linalg.inv(source_affine) @ box_affine
-    offsets = (np.arange(k) + 0.5) / k - 0.5
-    source = mask.astype(np.uint8)
-    total = np.zeros(tuple(high - low), dtype=np.float64)
-    for shift in itertools.product(offsets, repeat=3):
-        start = target_to_source @ np.array([*shift, 1.0])
-        total += ndimage.affine_transform(
-            source,
-            target_to_source[:3, :3],
-            offset=start[:3],
-            output_shape=tuple(high - low),
-            order=0,
-            # grid-constant: points within half a voxel of the edge belong to the edge voxel.
-            mode="grid-constant",
-            cval=0,
-        )
-    fraction[low[0] : high[0], low[1] : high[1], low[2] : high[2]] = total / k**3
+    box, values = splatted_coverage_box(mask, source, target)
+    if box is not None:
+        fraction[box] = values
     return fraction
-
-
-def _target_box(mask: np.ndarray, source_affine: np.ndarray, target: Grid):
-    """Index box [low, high) of the target grid that can see the mask, or None."""
-    nonzero = np.argwhere(mask)
-    if nonzero.size == 0:
-        return None
-    corners_low, corners_high = nonzero.min(axis=0) - 1, nonzero.max(axis=0) + 1
-    corners = np.array(list(itertools.product(*zip(corners_low, corners_high))), dtype=float)
-    source_to_target = np.linalg.inv(target.affine) @ source_affine
-    projected = corners @ source_to_target[:3, :3].T + source_to_target[:3, 3]
-    low = np.maximum(np.floor(projected.min(axis=0)).astype(int) - 1, 0)
-    high = np.minimum(np.ceil(projected.max(axis=0)).astype(int) + 2, target.shape)
-    if np.any(high <= low):
-        return None
-    return low, high
 
 
 def resample_continuous(img: nib.Nifti1Image, target: Grid) -> nib.Nifti1Image:

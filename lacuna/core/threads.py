@@ -4,8 +4,62 @@ from __future__ import annotations
 
 import os
 
+from lacuna.core.errors import UsageError
+
+#: Variables that size the thread pools of the numerical libraries; read when each
+#: library loads, so they are set before the analyses import them (and inherited by
+#: worker processes).
+LIBRARY_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
 
 def worker_threads() -> int:
     """Threads for the per-block work: ``$LACUNA_NUM_THREADS`` or the usable CPUs."""
     value = os.environ.get("LACUNA_NUM_THREADS")
     return max(1, int(value)) if value else max(1, len(os.sched_getaffinity(0)))
+
+
+def threads_per_process(nprocs: int, nthreads: int | None = None, omp_nthreads: int | None = None) -> int | None:
+    """Threads each process may use, from the fMRIPrep-style options.
+
+    Parameters
+    ----------
+    nprocs : int
+        Worker processes (``--nprocs``).
+    nthreads : int, optional
+        Most threads of the whole run (``--nthreads``).
+    omp_nthreads : int, optional
+        Most threads per process (``--omp-nthreads``).
+
+    Returns
+    -------
+    int or None
+        ``omp_nthreads``, else ``nthreads // nprocs``; None when neither is given.
+
+    Raises
+    ------
+    UsageError
+        If the options contradict each other.
+    """
+    if nthreads is not None and nprocs > nthreads:
+        raise UsageError(f"--nprocs {nprocs} is more than --nthreads {nthreads}: each process needs a thread")
+    if nthreads is not None and omp_nthreads is not None and omp_nthreads > nthreads:
+        raise UsageError(f"--omp-nthreads {omp_nthreads} is more than --nthreads {nthreads}")
+    if omp_nthreads is not None:
+        return omp_nthreads
+    if nthreads is not None:
+        return max(1, nthreads // nprocs)
+    return None
+
+
+def configure_threads(nprocs: int, nthreads: int | None = None, omp_nthreads: int | None = None) -> int:
+    """Apply the thread options to this process and the workers it starts.
+
+    Sets ``$LACUNA_NUM_THREADS`` (read by :func:`worker_threads`) and the numerical
+    libraries' variables (:data:`LIBRARY_THREAD_VARIABLES`) when a limit is given.
+    Returns the threads per process now in force.
+    """
+    per_process = threads_per_process(nprocs, nthreads, omp_nthreads)
+    if per_process is not None:
+        for variable in ("LACUNA_NUM_THREADS", *LIBRARY_THREAD_VARIABLES):
+            os.environ[variable] = str(per_process)
+    return worker_threads()

@@ -16,14 +16,16 @@ import nibabel as nib
 import pandas as pd
 
 from lacuna._version import __version__
-from lacuna.core.entities import parse_entities, read_sidecar
+from lacuna.core.entities import parse_entities
 from lacuna.core.errors import BidsError, LacunaError
 from lacuna.core.nifti_files import image_bytes
 from lacuna.core.provenance import remember_sha256, sha256_file, software_versions, utc_now
 from lacuna.core.results import ConnectivityMatrix, ParcelData, ScalarMetric, VoxelMap, write_tsv
-from lacuna.core.spaces import SUPPORTED_SPACES
+from lacuna.core.spaces import ACCEPTED_SPACES, identify_standard_grid
 from lacuna.core.subject import SubjectData
 from lacuna.core.atomic import atomic_path, atomic_write_bytes, write_json
+from lacuna.io.bids_layout import SKIPPED_FOLDERS, inherited_metadata, source_dataset_entry, walk_dataset  # noqa: F401 (SKIPPED_FOLDERS: public here before)
+from lacuna.io.integrity import output_problems, recorded_input_sha256
 from lacuna.io.naming import BIDSIGNORE_PATTERNS, MaskOutputs, format_resolution, sidecar_of
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,6 @@ log = logging.getLogger(__name__)
 BIDS_VERSION = "1.10.0"
 CODE_URL = "https://github.com/lacuna-neuro/lacuna"
 
-#: Folders never searched for input masks: outputs and other non-raw data.
-SKIPPED_FOLDERS = frozenset({"derivatives", "sourcedata", "code", ".git", ".datalad"})
 
 
 # --------------------------------------------------------------------------- input
@@ -62,8 +62,10 @@ def find_mask_files(
     subjects : iterable of str, optional
         Subject labels (``sub-`` optional) to keep.
     exclude : iterable of path
-        Folders to skip in addition to ``derivatives/``, ``sourcedata/`` and ``code/``
-        (e.g. the output and work folders when they sit inside the dataset).
+        Folders to skip in addition to ``derivatives/``, ``sourcedata/``, ``code/``,
+        nested datasets (any folder with its own ``dataset_description.json``, such as
+        an earlier output folder) and what the dataset's ``.bidsignore`` lists (e.g. the
+        output and work folders when they sit inside the dataset).
 
     Raises
     ------
@@ -73,38 +75,38 @@ def find_mask_files(
     root = Path(bids_root)
     if not root.exists():
         raise FileNotFoundError(f"BIDS folder not found: {root}")
-    excluded = {Path(p).resolve() for p in exclude}
     wanted = {s.removeprefix("sub-") for s in subjects} if subjects else None
     glob = f"*{pattern}*" if pattern not in ("", "*") else "*"
+    files = walk_dataset(root, exclude) if recursive else (p for p in sorted(root.iterdir()) if p.is_file())
     found = []
-    for folder, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if d not in SKIPPED_FOLDERS and (Path(folder, d).resolve() not in excluded)
-        )
-        if not recursive:
-            dirnames[:] = []
-        for filename in filenames:
-            if not filename.endswith(suffix) or filename.startswith("."):
-                continue
-            if not fnmatch.fnmatchcase(filename[: -len(suffix)], glob):
-                continue
-            if wanted is not None and parse_entities(filename).get("sub") not in wanted:
-                continue
-            found.append(Path(folder, filename))
+    for path in files:
+        filename = path.name
+        if not filename.endswith(suffix) or filename.startswith("."):
+            continue
+        if not fnmatch.fnmatchcase(filename[: -len(suffix)], glob):
+            continue
+        if wanted is not None and parse_entities(filename).get("sub") not in wanted:
+            continue
+        found.append(path)
     return sorted(found)
 
 
-def detect_space(path: Path, space: str | None = None) -> str | None:
-    """Declared space of a mask: argument, else ``space-`` entity, else sidecar."""
+def detect_space(path: Path, space: str | None = None, root: str | Path | None = None) -> str | None:
+    """Declared space of a mask: argument, else ``space-`` entity, else its sidecars.
+
+    The sidecars follow the BIDS inheritance principle: a dataset-level
+    ``label-lesion_mask.json`` with ``"SpatialReference"`` applies to every
+    ``*_label-lesion_mask.nii.gz`` below it, unless a more specific sidecar says
+    otherwise. ``root`` is the dataset root (default: the nearest folder above the mask
+    with a ``dataset_description.json``).
+    """
     if space:
         return space
     entity = parse_entities(path.name).get("space")
     if entity:
         return entity
     try:
-        sidecar = read_sidecar(path)
+        sidecar = inherited_metadata(path, root)
     except (OSError, ValueError):
         return None
     found = sidecar.get("SpatialReference") or sidecar.get("Space")
@@ -167,12 +169,12 @@ def load_bids_dataset(
         if declared is None:
             log.warning("skipping %s: no space declared (space- entity, sidecar or argument)", path)
             continue
-        if declared not in SUPPORTED_SPACES:
+        if declared not in ACCEPTED_SPACES:
             log.warning(
                 "skipping %s: space %s is not supported (supported: %s)",
                 path,
                 declared,
-                ", ".join(SUPPORTED_SPACES),
+                ", ".join(ACCEPTED_SPACES),
             )
             continue
         try:
@@ -272,8 +274,13 @@ def container_info() -> dict | None:
     return info
 
 
-def dataset_description(source_dir: str | Path | None = None) -> dict:
-    """Contents of the derivatives' ``dataset_description.json``."""
+def dataset_description(source_dir: str | Path | None = None, linked: dict[str, Path] | None = None) -> dict:
+    """Contents of the derivatives' ``dataset_description.json``.
+
+    ``source_dir`` (linked as ``raw``) and the ``linked`` datasets (e.g. lesion masks
+    kept as a derivative dataset) are listed in ``SourceDatasets`` with the DOI and
+    License their own descriptions declare, and in ``DatasetLinks``.
+    """
     generated_by = {
         "Name": "lacuna",
         "Version": __version__,
@@ -289,10 +296,12 @@ def dataset_description(source_dir: str | Path | None = None) -> dict:
         "DatasetType": "derivative",
         "GeneratedBy": [generated_by],
     }
-    if source_dir is not None:
-        uri = Path(source_dir).resolve().as_uri()
-        description["SourceDatasets"] = [{"URL": uri}]
-        description["DatasetLinks"] = {"raw": uri}
+    sources = {"raw": Path(source_dir)} if source_dir is not None else {}
+    sources.update(linked or {})
+    if sources:
+        entries = {name: source_dataset_entry(folder) for name, folder in sources.items()}
+        description["SourceDatasets"] = list(entries.values())
+        description["DatasetLinks"] = {name: entry["URL"] for name, entry in entries.items()}
     return description
 
 
@@ -305,18 +314,20 @@ scalars, provenance) are listed in `.bidsignore`.
 """
 
 
-def initialise_derivatives(output_dir: str | Path, source_dir: str | Path | None = None) -> Path:
+def initialise_derivatives(
+    output_dir: str | Path, source_dir: str | Path | None = None, linked: dict[str, Path] | None = None
+) -> Path:
     """Create the derivatives root: ``dataset_description.json``, ``.bidsignore``, README.
 
     An existing description is rewritten (it records the current version and
-    container); an existing README is kept.
+    container); an existing README is kept. ``linked``: see :func:`dataset_description`.
     """
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     description_path = root / "dataset_description.json"
     if source_dir is None and description_path.is_file():
         return root
-    write_json(description_path, dataset_description(source_dir))
+    write_json(description_path, dataset_description(source_dir, linked))
     with atomic_path(root / ".bidsignore") as temporary:
         temporary.write_text("\n".join(BIDSIGNORE_PATTERNS) + "\n", encoding="utf-8")
     if not (root / "README.md").exists():
@@ -327,6 +338,15 @@ def initialise_derivatives(output_dir: str | Path, source_dir: str | Path | None
 
 def _resolution_entry(space: str, resolution: float) -> dict:
     return {format_resolution(resolution): f"{resolution:g} mm isotropic, {space} template grid"}
+
+
+def _mask_grid_resolution(names: MaskOutputs, on_template_grid: bool) -> dict | str:
+    """``Resolution`` of an output on the mask's own grid: keyed by its ``res-`` label
+    when the name has one (the validator requires it then)."""
+    if on_template_grid:
+        return _resolution_entry(names.space, names.resolution)
+    text = f"the lesion mask's own grid ({names.grid.describe()}), {names.space}"
+    return {names.res_label: text} if names.res_label else text
 
 
 def _plan_outputs(
@@ -350,8 +370,8 @@ def _plan_outputs(
                     {
                         "Type": "Lesion",
                         "Description": "Binary lesion mask as analysed by Lacuna",
-                        "SpatialReference": subject.space,
-                        "Resolution": _resolution_entry(subject.space, subject.resolution),
+                        "SpatialReference": subject.declared_space,
+                        "Resolution": _mask_grid_resolution(names, subject.on_template_grid),
                         "LesionVolume": subject.get_volume_mm3(),
                         "LesionVolumeUnits": "mm^3",
                         **_raw_sources(subject),
@@ -380,14 +400,16 @@ def _plan_outputs(
 
 
 def _raw_sources(subject: SubjectData) -> dict:
-    """``Sources`` of the mask in the input dataset (``DatasetLinks`` name ``raw``)."""
+    """``Sources`` of the mask in its input dataset (``DatasetLinks`` name ``raw``, or
+    the name of the derivative dataset it came from)."""
     relpath = subject.metadata.get("bids_relpath")
-    return {"Sources": [f"bids:raw:{relpath}"]} if relpath else {}
+    dataset = subject.metadata.get("bids_dataset") or "raw"
+    return {"Sources": [f"bids:{dataset}:{relpath}"]} if relpath else {}
 
 
 def _voxel_map_path(result: VoxelMap, analysis: str, names: MaskOutputs) -> Path:
     desc = result.desc or f"{analysis.lower()}{result.name}".replace("_", "")
-    return names.voxel_map(desc, result.suffix, result.space, result.resolution)
+    return names.voxel_map(desc, result.suffix, result.space, result.resolution, grid=result.grid)
 
 
 def _write_voxel_map(result: VoxelMap, path: Path) -> None:
@@ -398,11 +420,13 @@ def _write_voxel_map(result: VoxelMap, path: Path) -> None:
 
 def _plan_voxel_map(result: VoxelMap, analysis: str, names: MaskOutputs, mask_path: Path) -> list[_PlannedFile]:
     path = _voxel_map_path(result, analysis, names)
+    on_mask_grid = names.grid is not None and result.grid.matches(names.grid)
+    template = identify_standard_grid(result.space, result.grid) is not None
     sidecar = {
         **result.sidecar(),
         "Analysis": analysis,
-        "SpatialReference": result.space,
-        "Resolution": _resolution_entry(result.space, result.resolution),
+        "SpatialReference": names.space if on_mask_grid else result.space,
+        "Resolution": _mask_grid_resolution(names, template) if on_mask_grid else _resolution_entry(result.space, result.resolution),
         "Sources": [f"bids::{mask_path.as_posix()}"],
     }
     return [
@@ -481,6 +505,8 @@ def provenance_record(subject: SubjectData) -> dict:
     return {
         "subject": {k: v for k, v in subject.metadata.items() if v is not None},
         "space": subject.space,
+        "declared_space": subject.declared_space,
+        "grid": subject.grid.describe(),
         "resolution_mm": subject.resolution,
         "software": software_versions(),
         "steps": [step.to_dict() for step in subject.provenance],
@@ -568,11 +594,12 @@ def export_bids_derivatives(
 
 
 def outputs_complete(output_dir: str | Path, subject: SubjectData, step_name: str, parameters: dict) -> bool:
-    """Whether a mask's outputs exist in full for the same run configuration.
+    """Whether a mask's outputs exist in full for the same run configuration and input.
 
     True when the provenance file (written last) exists, holds a step ``step_name``
-    with exactly ``parameters`` (same analyses and options), and every output it lists
-    still exists.
+    with exactly ``parameters`` (same analyses and options), recorded the same input
+    mask (its SHA-256, so a replaced mask of the same name is recomputed), and every
+    output it lists still has its recorded checksum.
     """
     root = Path(output_dir)
     path = root / MaskOutputs.for_subject(subject).provenance()
@@ -583,4 +610,11 @@ def outputs_complete(output_dir: str | Path, subject: SubjectData, step_name: st
     steps = [s for s in record.get("steps", []) if s.get("name") == step_name]
     if not steps or steps[-1].get("parameters") != json.loads(json.dumps(parameters)):
         return False
-    return all((root / item["path"]).is_file() for item in record.get("outputs", []))
+    current = recorded_input_sha256({"steps": [step.to_dict() for step in subject.provenance]})
+    if current is None or recorded_input_sha256(record) != current:
+        log.info("%s: the input mask changed since its outputs were written; recomputing", path.name)
+        return False
+    problems = output_problems(root, record)
+    if problems:
+        log.info("%s: %s; recomputing", path.name, problems[0])
+    return not problems

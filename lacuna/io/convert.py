@@ -19,10 +19,16 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.streamlines import LazyTractogram, TckFile
+from nibabel.streamlines import Field, LazyTractogram, TckFile
 
+from lacuna.core.atomic import write_json
 from lacuna.core.errors import ProcessingError
-from lacuna.core.spaces import SUPPORTED_SPACES, Grid, identify_standard_grid
+from lacuna.core.spaces import (
+    SUPPORTED_SPACES,
+    Grid,
+    identify_standard_grid,
+    space_of_standard_grid,
+)
 from lacuna.io.functional_connectome import ConnectomeWriter
 
 log = logging.getLogger(__name__)
@@ -185,6 +191,12 @@ def _trk_streamlines(path: Path) -> Iterator[np.ndarray]:
 def trk_to_tck(trk_path: str | Path, output_path: str | Path, *, overwrite: bool = False) -> Path:
     """Convert a TrackVis ``.trk`` tractogram to MRtrix3 ``.tck`` (pure nibabel, streamed).
 
+    A ``.tck`` file does not record its space. When the TrackVis header's reference
+    volume (dimensions and voxel-to-RAS affine) is exactly a template grid of one
+    supported space, that space is written beside the output as a JSON sidecar
+    (``<name>.json`` with ``SpatialReference``), which StructuralNetworkMapping reads;
+    otherwise declare the space when using the tractogram.
+
     Raises
     ------
     ValueError
@@ -201,9 +213,27 @@ def trk_to_tck(trk_path: str | Path, output_path: str | Path, *, overwrite: bool
         raise FileNotFoundError(f"tractogram not found: {trk_path}")
     _check_output(output_path, overwrite)
     try:
-        return _save_tck(_trk_streamlines(trk_path), output_path)
+        trk = nib.streamlines.load(str(trk_path), lazy_load=True)
+        _save_tck(iter(trk.streamlines), output_path)
     except Exception as exc:
         raise RuntimeError(f"converting {trk_path} to {output_path} failed: {exc}") from exc
+    _write_header_space(trk.header, trk_path, output_path)
+    return output_path
+
+
+def _write_header_space(header: dict, trk_path: Path, output_path: Path) -> None:
+    """Record the space of a TrackVis header's reference grid beside ``output_path``."""
+    try:
+        grid = Grid(tuple(int(n) for n in header[Field.DIMENSIONS]), np.asarray(header[Field.VOXEL_TO_RASMM], float))
+    except (KeyError, TypeError, ValueError):
+        return
+    found = space_of_standard_grid(grid)
+    if found is None:
+        log.info("%s: the header grid is no template grid; the space of %s must be declared", trk_path, output_path.name)
+        return
+    space, resolution = found
+    write_json(output_path.with_suffix(".json"), {"SpatialReference": space})
+    log.info("%s: header grid is the %s %d mm template grid; recorded beside %s", trk_path, space, resolution, output_path.name)
 
 
 def merge_trk_to_tck(

@@ -19,6 +19,12 @@ provenance                ``..._label-L_provenance.json`` (written last: marks t
                           as complete)
 ========================  ===========================================================
 
+The mask's own entities are kept: ``space-`` as declared (e.g. ``MNI152NLin2009aSym``
+for an ATLAS v2.0 mask), its ``res-`` (on a template grid, the template resolution; on
+another grid, the input's own ``res-`` if it had one, else none), and its ``desc-``
+when it also has a ``label-`` (``label-L_desc-T1lesion``): the mask's ``desc`` then
+leads every output's ``desc`` (``desc-T1lesionFlnmGSP1000t``).
+
 ``statmap``, ``parcelstats``, ``relmat``, ``scalars`` and ``provenance`` are not (yet) in
 the BIDS specification; :data:`BIDSIGNORE_PATTERNS` lists them, and the ``group/``
 folder, for the official validator.
@@ -44,6 +50,8 @@ BIDSIGNORE_PATTERNS = (
     "*_scalars.json",
     "*_provenance.json",
     "group",
+    "logs",
+    "CITATION.md",
 )
 
 GROUP_DIR = "group"
@@ -105,20 +113,27 @@ class MaskOutputs:
     label: str
     space: str
     resolution: float
+    res_label: str | None = None
+    mask_desc: str | None = None
+    grid: object | None = None  # the mask's Grid: maps on it take the mask's space and res
 
     @classmethod
     def for_subject(cls, subject) -> "MaskOutputs":
         """Names for a :class:`~lacuna.core.subject.SubjectData`."""
         if not subject.subject_id:
             raise ValueError("the subject has no subject_id in its metadata; set metadata['subject_id']")
+        on_template = subject.on_template_grid
         return cls(
             subject=subject.subject_id,
             session=subject.session_id,
             acquisition=subject.metadata.get("acq"),
             run=subject.metadata.get("run"),
             label=subject.label,
-            space=subject.space,
+            space=subject.declared_space,
             resolution=subject.resolution,
+            res_label=format_resolution(subject.resolution) if on_template else subject.metadata.get("res"),
+            mask_desc=subject.metadata.get("desc"),
+            grid=subject.grid,
         )
 
     @property
@@ -132,44 +147,50 @@ class MaskOutputs:
     def _identity(self) -> dict[str, str | None]:
         return {"sub": self.subject, "ses": self.session, "acq": self.acquisition, "run": self.run}
 
+    def _desc(self, desc: str) -> str:
+        """An output's ``desc`` led by the mask's own (``T1lesion`` + ``FlnmGSP1000t``)."""
+        return f"{self.mask_desc}{desc[:1].upper()}{desc[1:]}" if self.mask_desc else desc
+
     def _path(self, entities: dict, suffix: str, extension: str) -> Path:
         return self.folder / build_name({**self._identity(), **entities}, suffix, extension)
 
     def mask(self) -> Path:
         """The lesion mask NIfTI."""
-        return self._path(
-            {"space": self.space, "res": format_resolution(self.resolution), "label": self.label},
-            "mask",
-            ".nii.gz",
-        )
+        entities = {"space": self.space, "res": self.res_label, "label": self.label, "desc": self.mask_desc}
+        return self._path(entities, "mask", ".nii.gz")
 
-    def voxel_map(self, desc: str, suffix: str, space: str, resolution: float) -> Path:
-        """A voxel map NIfTI (``statmap`` or ``probseg``)."""
-        entities = {"space": space, "res": format_resolution(resolution), "label": self.label, "desc": desc}
+    def voxel_map(self, desc: str, suffix: str, space: str, resolution: float, grid=None) -> Path:
+        """A voxel map NIfTI (``statmap`` or ``probseg``); a map on the mask's own grid
+        takes the mask's ``space-`` and ``res-``."""
+        if grid is not None and self.grid is not None and grid.matches(self.grid):
+            space, res = self.space, self.res_label
+        else:
+            res = format_resolution(resolution)
+        entities = {"space": space, "res": res, "label": self.label, "desc": self._desc(desc)}
         return self._path(entities, suffix, ".nii.gz")
 
     def parcel_table(self, parcellation: str, desc: str) -> Path:
         """A per-parcel TSV."""
-        entities = {"space": self.space, **parcellation_entities(parcellation), "label": self.label, "desc": desc}
+        entities = {"space": self.space, **parcellation_entities(parcellation), "label": self.label, "desc": self._desc(desc)}
         return self._path(entities, "parcelstats", ".tsv")
 
     def connectivity(self, parcellation: str, desc: str) -> Path:
         """A parcel x parcel matrix TSV."""
-        entities = {"space": self.space, **parcellation_entities(parcellation), "label": self.label, "desc": desc}
+        entities = {"space": self.space, **parcellation_entities(parcellation), "label": self.label, "desc": self._desc(desc)}
         return self._path(entities, "relmat", ".tsv")
 
     def scalars(self) -> Path:
         """The JSON of scalar results."""
-        return self._path({"label": self.label}, "scalars", ".json")
+        return self._path({"label": self.label, "desc": self.mask_desc}, "scalars", ".json")
 
     def provenance(self) -> Path:
         """The provenance JSON (the completion marker of the mask)."""
-        return self._path({"label": self.label}, "provenance", ".json")
+        return self._path({"label": self.label, "desc": self.mask_desc}, "provenance", ".json")
 
     @property
     def key(self) -> str:
         """Identity of the mask, e.g. ``sub-01_ses-02_label-lesion``."""
-        return build_name({**self._identity(), "label": self.label}, "", "").rstrip("_")
+        return build_name({**self._identity(), "label": self.label, "desc": self.mask_desc}, "", "").rstrip("_")
 
 
 def group_table(parcellation: str, desc: str) -> Path:
@@ -187,9 +208,10 @@ def alphanumeric(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "", text)
 
 
-def group_overlap(space: str, resolution: float, desc: str, suffix: str) -> Path:
-    """A group-level lesion overlap NIfTI under ``group/``."""
-    entities = {"space": space, "res": format_resolution(resolution), "desc": desc}
+def group_overlap(space: str, res_label: str | None, desc: str, suffix: str) -> Path:
+    """A group-level lesion overlap NIfTI under ``group/`` (``res_label``: the masks'
+    ``res-`` label, or None for masks on a grid without one)."""
+    entities = {"space": space, "res": res_label, "desc": desc}
     return Path(GROUP_DIR) / build_name(entities, suffix, ".nii.gz")
 
 

@@ -13,6 +13,7 @@ import jsonschema
 
 from lacuna.core.errors import BidsError
 from lacuna.core.atomic import TEMP_MARKER
+from lacuna.io.integrity import CRASH_PREFIX, LOGS_DIR
 from lacuna.io.naming import GROUP_DIR, sidecar_of
 
 
@@ -82,6 +83,8 @@ def validate_bids_derivatives(derivatives_dir: str | Path, raise_on_error: bool 
             _check_hidden(entry, report)
         elif entry.is_dir() and entry.name == GROUP_DIR:
             _check_folder_files(entry, schema["group_kinds"], schema, report, identity={})
+        elif entry.is_dir() and entry.name == LOGS_DIR:
+            _check_logs(entry, report)
         elif entry.is_dir():
             _check_subject(entry, schema, report)
         elif entry.name not in schema["root_files"] and not any(
@@ -140,8 +143,11 @@ def _check_subject(folder: Path, schema: dict, report: _Report) -> None:
         elif child.is_dir() and re.match(schema["session_folder"], child.name):
             anat = child / "anat"
             _check_datatype_folder(child, anat, schema, report, {"sub": subject, "ses": child.name[4:]})
+            if anat.is_dir():
+                _check_completeness(anat, report)
         elif child.is_dir() and child.name == "anat":
             _check_folder_files(child, schema["file_kinds"], schema, report, {"sub": subject, "ses": None})
+            _check_completeness(child, report)
         else:
             report.error(child, "expected ses-<label>/ or anat/ inside a subject folder")
 
@@ -168,7 +174,11 @@ def _check_folder_files(folder: Path, kinds: list[dict], schema: dict, report: _
         if kind is None:
             if name.endswith(".json") and _is_sidecar_of_listed(name, files):
                 continue
-            report.error(path, "file name does not match any pattern of the Lacuna derivatives schema")
+            orphan = _data_file_of_sidecar(name, kinds) if name.endswith(".json") else None
+            if orphan:
+                report.error(path, f"sidecar of {orphan}, which is missing (re-run the participant level for this mask)")
+            else:
+                report.error(path, "file name does not match any pattern of the Lacuna derivatives schema")
             continue
         _check_identity(path, re.match(kind["pattern"], name), identity, report)
         if "schema" in kind:
@@ -180,6 +190,47 @@ def _check_folder_files(folder: Path, kinds: list[dict], schema: dict, report: _
             _check_sidecar(path, kind, schema, report)
         if "required_columns" in kind:
             _check_table(path, kind["required_columns"], report)
+
+
+def _data_file_of_sidecar(name: str, kinds: list[dict]) -> str | None:
+    """The table or image a JSON file is named as the sidecar of, if that name is one
+    Lacuna writes."""
+    stem = name[: -len(".json")]
+    for extension in (".tsv", ".nii.gz"):
+        if any(re.match(k["pattern"], stem + extension) for k in kinds):
+            return stem + extension
+    return None
+
+
+def _check_completeness(folder: Path, report: _Report) -> None:
+    """Every lesion mask is listed by a provenance file (written last, so its absence
+    means the outputs are incomplete), and every output a provenance lists exists."""
+    listed: set[str] = set()
+    for provenance in sorted(folder.glob("*_provenance.json")):
+        try:
+            record = json.loads(provenance.read_text(encoding="utf-8"))
+            outputs = [str(item["path"]) for item in record["outputs"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # reported as invalid JSON or against its schema
+        for relative in outputs:
+            listed.add(relative)
+            if not (report.root / relative).is_file():
+                report.error(provenance, f"lists {relative}, which is missing (re-run the participant level for this mask)")
+    for mask in sorted(folder.glob("*_mask.nii.gz")):
+        if mask.relative_to(report.root).as_posix() not in listed:
+            report.error(
+                mask,
+                "no provenance file lists this mask: its outputs are incomplete (interrupted run, or the "
+                "provenance file was deleted); re-run the participant level for it",
+            )
+
+
+def _check_logs(folder: Path, report: _Report) -> None:
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(CRASH_PREFIX) and path.suffix == ".json":
+            _load_json(path, report)
+        elif not path.name.startswith("."):
+            report.warn(path, "unexpected file in logs/ (Lacuna writes crash_<mask>.json there)")
 
 
 def _is_sidecar_of_listed(name: str, files: dict) -> bool:
