@@ -105,8 +105,9 @@ def block_width(n_voxels: int, part: int, threads: int) -> int:
 GROUPS_IN_FLIGHT = 2
 
 #: Subjects the reader prepares ahead of the groups held: the groups being mapped keep
-#: the threads busy while it reads, so a few are enough.
-READ_AHEAD = 2
+#: the threads busy while it reads, so one is enough (measured: 50 lesions, 30 subjects
+#: from the page cache, 1.42 s with one, 1.47 s with two, each ahead mapping 113 MB more).
+READ_AHEAD = 1
 
 
 def group_size(subject_bytes: int, memory_bytes: int) -> int:

@@ -49,9 +49,9 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
             with open(temporary, "rb+") as handle:
                 os.fsync(handle.fileno())
         os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> Path:

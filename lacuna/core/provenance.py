@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sys
+from importlib import metadata
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -76,10 +78,16 @@ def _persist_digest(store: Path, key: str, digest: str) -> None:
 
 def sha256_file(path: str | Path) -> str:
     """SHA-256 of a file, cached per (path, size, modification time)."""
-    path = Path(path).resolve()
+    path = _absolute(path)
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     return _WRITTEN_DIGESTS.get(key) or _sha256_cached(*key)
+
+
+def _absolute(path: str | Path) -> Path:
+    """The cache key's path: absolute, without following links (``Path.resolve`` costs
+    one system call per path component, for every output file)."""
+    return Path(os.path.abspath(path))
 
 
 #: Digests of files this process wrote from memory, by (path, size, modification time).
@@ -91,7 +99,7 @@ def remember_sha256(path: str | Path, data: bytes) -> str:
     """Record the SHA-256 of ``data`` just written to ``path`` (so that
     :func:`sha256_file` need not read the file back); returns it."""
     digest = hashlib.sha256(data).hexdigest()
-    path = Path(path).resolve()
+    path = _absolute(path)
     stat = path.stat()
     if len(_WRITTEN_DIGESTS) >= _WRITTEN_DIGESTS_MAX:
         _WRITTEN_DIGESTS.clear()
@@ -128,23 +136,21 @@ class InputFile:
         return cls(role=role, path=str(path), sha256=digest, size_bytes=stat.st_size, modified=modified)
 
 
+#: Distributions whose versions provenance records.
+_RECORDED_PACKAGES = ("nibabel", "numpy", "scipy", "pandas", "h5py")
+
+
 @lru_cache(maxsize=1)
 def software_versions() -> dict[str, str]:
-    """Versions of Lacuna, Python and the numerical libraries it relies on."""
-    import nibabel
-    import numpy
-    import pandas
-    import scipy
-
-    return {
-        "lacuna": __version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "nibabel": nibabel.__version__,
-        "numpy": numpy.__version__,
-        "scipy": scipy.__version__,
-        "pandas": pandas.__version__,
-    }
+    """Versions of Lacuna, Python and the numerical libraries it relies on (read from
+    the installed distributions' metadata, so nothing is imported for it)."""
+    versions = {"lacuna": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
+    for package in _RECORDED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
 
 
 @dataclass

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 
 from lacuna.core.nifti_files import float_map_bytes, float_map_image
 from lacuna.core.spaces import Grid
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -149,6 +152,8 @@ class ConnectivityMatrix:
 
     def to_frame(self) -> pd.DataFrame:
         """The matrix as a labelled table."""
+        import pandas as pd
+
         return pd.DataFrame(self.matrix, index=self.region_names, columns=self.region_names)
 
     def sidecar(self) -> dict:

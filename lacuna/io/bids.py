@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
-import pandas as pd
 
 from lacuna._version import __version__
 from lacuna.core.entities import parse_entities
@@ -23,6 +22,7 @@ from lacuna.core.provenance import remember_sha256, sha256_file, software_versio
 from lacuna.core.results import ConnectivityMatrix, ParcelData, ScalarMetric, VoxelMap, write_tsv
 from lacuna.core.spaces import ACCEPTED_SPACES, identify_standard_grid
 from lacuna.core.subject import SubjectData
+from lacuna.core.tsv import write_columns_tsv
 from lacuna.core.atomic import atomic_path, atomic_write_bytes, write_json
 from lacuna.io.bids_layout import SKIPPED_FOLDERS, inherited_metadata, source_dataset_entry, walk_dataset  # noqa: F401 (SKIPPED_FOLDERS: public here before)
 from lacuna.io.integrity import output_problems, recorded_input_sha256
@@ -457,15 +457,22 @@ def write_voxel_maps(subject: SubjectData, output_dir: str | Path, analysis_name
     return new
 
 
-def parcel_frame(columns: list[ParcelData]) -> pd.DataFrame:
-    """Table of one parcellation: ``index``, ``name``, then one column per measure."""
+def parcel_columns(columns: list[ParcelData]) -> dict[str, list]:
+    """Columns of one parcellation's table: ``index``, ``name``, then one per measure."""
     first = columns[0]
-    frame = pd.DataFrame({"index": first.region_ids, "name": first.region_names})
+    table = {"index": list(first.region_ids), "name": list(first.region_names)}
     for column in columns:
         if list(column.region_ids) != list(first.region_ids):
             raise ValueError(f"measures of {first.parcellation} disagree on the regions")
-        frame[column.measure] = column.values
-    return frame
+        table[column.measure] = [float(value) for value in column.values]
+    return table
+
+
+def parcel_frame(columns: list[ParcelData]):
+    """:func:`parcel_columns` as a pandas DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame(parcel_columns(columns))
 
 
 def _plan_parcel_table(columns: list[ParcelData], path: Path) -> list[_PlannedFile]:
@@ -474,9 +481,9 @@ def _plan_parcel_table(columns: list[ParcelData], path: Path) -> list[_PlannedFi
         "name": {"Description": "Region name"},
         **{column.measure: column.column_sidecar() for column in columns},
     }
-    frame = parcel_frame(columns)
+    table = parcel_columns(columns)
     return [
-        _PlannedFile(path, lambda p: _write_frame(frame, p)),
+        _PlannedFile(path, lambda p: _write_columns(table, p)),
         _PlannedFile(sidecar_of(path), lambda p: _write_output_json(p, sidecar)),
     ]
 
@@ -495,9 +502,14 @@ def _plan_connectivity(result: ConnectivityMatrix, key: str, analysis: str, name
     ]
 
 
-def _write_frame(frame: pd.DataFrame, path: Path) -> None:
+def _write_frame(frame, path: Path) -> None:
     with atomic_path(path, durable=False) as temporary:
         write_tsv(frame, temporary)
+
+
+def _write_columns(table: dict[str, list], path: Path) -> None:
+    with atomic_path(path, durable=False) as temporary:
+        write_columns_tsv(temporary, table)
 
 
 def provenance_record(subject: SubjectData) -> dict:
@@ -574,8 +586,8 @@ def export_bids_derivatives(
     if len(set(targets)) != len(targets):
         duplicates = sorted({str(t) for t in targets if targets.count(t) > 1})
         raise LacunaError(f"two results would be written to the same file: {duplicates}")
-    existing = [str(t) for t in targets if (root / t).exists()]
-    if existing and not overwrite:
+    existing = [] if overwrite else [str(t) for t in targets if (root / t).exists()]
+    if existing:
         raise FileExistsError(
             f"{len(existing)} output(s) already exist in {root} (e.g. {existing[0]}); "
             "pass overwrite=True (--overwrite) to replace them"

@@ -246,8 +246,9 @@ def _mappable_offsets(dataset: h5py.Dataset) -> list[int] | None:
     return offsets
 
 
-#: Subjects beyond the one being handed over that a helper thread faults in meanwhile.
-_FAULT_AHEAD = 2
+#: Subjects beyond the one being handed over that a helper thread faults in meanwhile
+#: (one keeps a read from the disk going; each more maps another subject).
+_FAULT_AHEAD = 1
 
 
 class _HandedOver:
