@@ -40,7 +40,7 @@ import nibabel as nib
 import numpy as np
 
 from lacuna.core.spaces import standard_grid
-from lacuna.io.functional_connectome import ConnectomeWriter
+from lacuna.formats.functional_connectome import ConnectomeWriter
 
 SPACE = "MNI152NLin6Asym"
 ATLASES = Path(__file__).resolve().parents[2] / "shared" / "data" / "atlases"

@@ -41,9 +41,9 @@ import numba
 import numpy as np
 import threadpoolctl
 
-from lacuna.analysis.functional_engine import worker_threads
+from lacuna.analysis.functional.engine import worker_threads
 from lacuna.core.spaces import standard_grid
-from lacuna.io.functional_connectome import ConnectomeWriter, FunctionalConnectome
+from lacuna.formats.functional_connectome import ConnectomeWriter, FunctionalConnectome
 
 SPACE = "MNI152NLin6Asym"
 
@@ -190,7 +190,7 @@ def blas_kernels() -> str:
 
 def run_one(path: Path, n_lesions: int, cold: bool = False) -> dict:
     """Map ``n_lesions`` lesions and report timings (runs in a fresh process)."""
-    from lacuna.analysis.functional_network_mapping import FunctionalNetworkMapping
+    from lacuna.analysis.functional.network_mapping import FunctionalNetworkMapping
 
     connectome = FunctionalConnectome.open(path)
     subjects = lesions(n_lesions)

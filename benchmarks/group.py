@@ -5,7 +5,7 @@ an ellipsoidal brain mask of exactly 235,375 voxels (as many as FSL's 2 mm brain
 each map a random mixture of 64 smooth spatial components plus white noise (LNM maps are
 smooth), half the maps "cases" with an effect in one block; 2 covariates. Then:
 
-* Lacuna's :func:`~lacuna.analysis.group_statistics.permutation_glm` with the full
+* Lacuna's :func:`~lacuna.analysis.group.statistics.permutation_glm` with the full
   number of permutations (and, separately, with TFCE);
 * ``nilearn.mass_univariate.permuted_ols`` on the same data (float32, n_jobs=1: its
   matrix products use every core through BLAS, as ours do), once without permutations
@@ -88,7 +88,7 @@ def measured_gemm_rate(residuals: np.ndarray, columns: int, threads: int) -> flo
     engine's threads, each with single-threaded BLAS), best of three passes."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lacuna.analysis import group_statistics
+    from lacuna.analysis.group import statistics as group_statistics
     from lacuna.analysis.compiled_primitives import single_threaded_blas
 
     design = np.asfortranarray(np.random.default_rng(0).standard_normal((residuals.shape[1], columns), dtype=np.float32))
@@ -109,7 +109,7 @@ def measured_gemm_rate(residuals: np.ndarray, columns: int, threads: int) -> flo
 
 
 def run_ours(args, t_path: Path) -> dict:
-    from lacuna.analysis.group_statistics import TFCEGrid, permutation_glm
+    from lacuna.analysis.group.statistics import TFCEGrid, permutation_glm
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     mask, maps, case, covariates = cohort(args.maps, args.covariates)
@@ -120,7 +120,7 @@ def run_ours(args, t_path: Path) -> dict:
     seconds = time.perf_counter() - start
     rss = peak_rss_gb()
     np.save(t_path, result.t)
-    from lacuna.analysis import group_statistics
+    from lacuna.analysis.group import statistics as group_statistics
     from lacuna.core.threads import worker_threads
 
     columns = group_statistics._PRODUCT_COLUMNS // (1 + args.covariates) * (1 + args.covariates)

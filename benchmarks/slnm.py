@@ -128,7 +128,7 @@ def sphere(centre, radius) -> np.ndarray:
 def _set_agreement(cut_tck: Path, our_first_points: np.ndarray) -> float:
     """Streamlines in both sets / streamlines in either (matched by their first vertex,
     which tckedit copies bit for bit)."""
-    from lacuna.io.tractogram_index import iter_streamline_chunks
+    from lacuna.formats.tck import iter_streamline_chunks
 
     firsts = []
     for points, lengths in iter_streamline_chunks(cut_tck):
@@ -144,7 +144,7 @@ def _set_agreement(cut_tck: Path, our_first_points: np.ndarray) -> float:
 
 def build_only(tck: str) -> None:
     """Child process: build the index and print its summary as JSON."""
-    from lacuna.io.tractogram_index import TractogramIndex
+    from lacuna.formats.tractogram_index import TractogramIndex
 
     start = time.perf_counter()
     index = TractogramIndex.open(tck, standard_grid(SPACE, 2), rebuild=True)
@@ -192,7 +192,7 @@ def main() -> None:
 
     from lacuna.analysis import StructuralNetworkMapping
     from lacuna.core.subject import SubjectData
-    from lacuna.io.tractogram_index import TractogramIndex
+    from lacuna.formats.tractogram_index import TractogramIndex
 
     grid = standard_grid(SPACE, 2)
     index = TractogramIndex.open(tck, grid)

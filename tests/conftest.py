@@ -27,7 +27,7 @@ def isolated_data_dir(tmp_path_factory, monkeypatch):
     for variable in ("LACUNA_ATLAS_URL", "LACUNA_TEMPLATEFLOW_URL", "LACUNA_DATAVERSE_URL", "LACUNA_FIGSHARE_API_URL", "LACUNA_HCP1065_URL"):
         monkeypatch.setenv(variable, CLOSED_URL)
     try:
-        from lacuna.assets.parcellations import clear_parcellation_cache
+        from lacuna.resources.parcellations import clear_parcellation_cache
 
         clear_parcellation_cache()
     except ImportError:

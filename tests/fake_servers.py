@@ -1,6 +1,6 @@
 """Local HTTP servers for the tests (127.0.0.1, port 0): :class:`FolderServer` serves a
 folder; :class:`FakeServer` speaks just enough of the Dataverse, Figshare and GitHub
-release APIs to drive :mod:`lacuna.io.fetch` end to end.
+release APIs to drive :mod:`lacuna.resources.fetching` end to end.
 
 :class:`FakeServer` serves registered routes: files (with HTTP ``Range``), JSON
 documents, redirects; each can require a header (an API key). Per-path fault queues

@@ -30,7 +30,7 @@ from click.testing import CliRunner
 from conftest import save_mask, write_bids_dataset
 
 from lacuna.cli.main import cli, expand_multi_value_options
-from lacuna.io.validation import validate_bids_derivatives
+from lacuna.bids.validation import validate_bids_derivatives
 
 # ----------------------------------------------------------------------------- constants
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from lacuna.cli.main import cli, expand_multi_value_options
 from lacuna.core.spaces import standard_grid
-from lacuna.io.validation import validate_bids_derivatives
+from lacuna.bids.validation import validate_bids_derivatives
 
 from test_functional import GRID, SPACE, _benjamini_hochberg, _columns, _mask, _reference, _timeseries, _write
 
@@ -156,7 +156,7 @@ def test_unknown_connectome_is_a_clear_error(tmp_path, dataset, shared_atlases):
 
 
 def test_one_lesion_per_pass_gives_the_same_outputs_and_a_time_breakdown(tmp_path, dataset, shared_atlases, monkeypatch):
-    from lacuna.analysis import functional_network_mapping
+    from lacuna.analysis.functional import network_mapping as functional_network_mapping
 
     bids, connectome, data = dataset
     common = ["--functional-connectome", connectome, "--atlas-dir", shared_atlases, "--atlas", ATLAS, "--skip-bids-validation"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lacuna._version import __version__
-from lacuna.cli.demo import DEMO_ATLAS, write_demo_atlas, write_demo_dataset
+from lacuna.workflows.demo import DEMO_ATLAS, write_demo_atlas, write_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "main"

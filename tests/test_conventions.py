@@ -19,11 +19,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import save_mask, sphere
 
-from lacuna.cli.demo import DEMO_ATLAS, write_demo_atlas
+from lacuna.workflows.demo import DEMO_ATLAS, write_demo_atlas
 from lacuna.cli.main import cli, expand_multi_value_options
 from lacuna.core.exit_codes import ExitCode
 from lacuna.core.spaces import standard_grid
-from lacuna.io.validation import validate_bids_derivatives
+from lacuna.bids.validation import validate_bids_derivatives
 
 SPACE = "MNI152NLin6Asym"
 GRID = standard_grid(SPACE, 2)
@@ -417,7 +417,7 @@ def test_citation_and_source_datasets(tmp_path, atlas_dir, shared_atlases):
     assert result.exit_code == 0, result.output
     text = (out / "CITATION.md").read_text()
     from lacuna._version import __version__
-    from lacuna.assets.parcellations import SCHAEFER_CITATION, TIAN_CITATION
+    from lacuna.resources.parcellations import SCHAEFER_CITATION, TIAN_CITATION
 
     assert f"Lacuna {__version__}" in text and "Schaefer2018_100Parcels7Networks" in text and "TianSubcortex_3TS1" in text
     assert SCHAEFER_CITATION in text and TIAN_CITATION in text
@@ -435,7 +435,7 @@ def test_citation_and_source_datasets(tmp_path, atlas_dir, shared_atlases):
 
 
 def test_unexpected_error_in_any_command_is_one_line(tmp_path, monkeypatch):
-    import lacuna.io.validation as validation
+    import lacuna.bids.validation as validation
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated bug")

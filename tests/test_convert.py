@@ -13,7 +13,7 @@ from nibabel.streamlines import Field, Tractogram, TrkFile
 
 from lacuna.core.spaces import standard_grid
 from lacuna.io import gsp1000_to_hdf5, merge_trk_to_tck, trk_to_tck
-from lacuna.io.functional_connectome import FunctionalConnectome
+from lacuna.formats.functional_connectome import FunctionalConnectome
 
 GRID = standard_grid("MNI152NLin6Asym", 2)
 

@@ -1,4 +1,4 @@
-"""Tests of lacuna.io.download and lacuna.core.datadir against local HTTP servers."""
+"""Tests of lacuna.net.download and lacuna.core.datadir against local HTTP servers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from fake_servers import FakeServer, md5
 from lacuna.core.errors import AuthenticationError, DownloadError
 from lacuna.core.atomic import atomic_write_text
 from lacuna.core.datadir import get_data_dir
-from lacuna.io.download import download_file, part_path, redact_url
+from lacuna.net.download import download_file, part_path
+from lacuna.net.http import redact_url
 
 SECRET = "s3cr3t-api-key-value"
 CONTENT = bytes(range(256)) * 4000  # ~1 MB

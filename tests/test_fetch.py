@@ -29,7 +29,7 @@ from fake_servers import (
     serve_figshare,
     serve_github_release,
 )
-from lacuna.assets.connectomes import get_registered_connectome, list_connectomes
+from lacuna.resources.connectomes import get_registered_connectome, list_connectomes
 from lacuna.core.datadir import get_data_dir
 from lacuna.core.errors import AuthenticationError, DownloadError, ProcessingError
 from lacuna.core.spaces import standard_grid
@@ -46,10 +46,11 @@ from lacuna.io import (
     get_fetch_status,
     list_fetchable_connectomes,
 )
-from lacuna.io.downloaders import base
-from lacuna.io.downloaders.archives import UnsafeArchiveError, extract_tar, extract_zip
-from lacuna.io.downloaders.base import InsufficientDiskSpaceError, default_output_dir
-from lacuna.io.downloaders.credentials import credentials_path, resolve_api_key, save_api_key
+from lacuna.net import http as base
+from lacuna.net.archives import UnsafeArchiveError, extract_tar, extract_zip
+from lacuna.net.disk import InsufficientDiskSpaceError
+from lacuna.resources.fetching.sources import default_output_dir
+from lacuna.net.credentials import credentials_path, resolve_api_key, save_api_key
 
 KEY = "dv-SECRET-0123456789abcdef"
 FIGSHARE_KEY = "fs-SECRET-fedcba9876543210"
@@ -232,7 +233,7 @@ def test_gsp1000_end_to_end_registers_a_connectome_the_analysis_uses(dataverse, 
     assert any(p.bytes_total and p.bytes_transferred == p.bytes_total for p in seen)
     assert "registered as: GSP1000" in result.summary()
 
-    mapped = __import__("lacuna.analysis.functional_network_mapping", fromlist=["x"]).FunctionalNetworkMapping(
+    mapped = __import__("lacuna.analysis.functional.network_mapping", fromlist=["x"]).FunctionalNetworkMapping(
         "GSP1000"
     ).run(_lesion(tmp_path))
     outputs = mapped.results["FunctionalNetworkMapping"]
@@ -334,7 +335,7 @@ def test_interrupted_run_resumes_the_partial_file_and_skips_completed_steps(data
 
 
 def test_interrupted_conversion_is_resumed_without_downloading_again(dataverse, monkeypatch):
-    import lacuna.io.fetch as fetch_module
+    import lacuna.resources.fetching.gsp1000 as fetch_module
 
     real = fetch_module.gsp1000_to_hdf5
 

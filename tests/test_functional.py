@@ -12,8 +12,8 @@ import pytest
 from scipy import stats
 
 from lacuna import SubjectData
-from lacuna.analysis.functional_network_mapping import FunctionalNetworkMapping
-from lacuna.assets.connectomes import (
+from lacuna.analysis.functional.network_mapping import FunctionalNetworkMapping
+from lacuna.resources.connectomes import (
     ConnectomeError,
     get_connectome_path,
     list_connectomes,
@@ -21,7 +21,7 @@ from lacuna.assets.connectomes import (
 )
 from lacuna.core.errors import AnalysisError
 from lacuna.core.spaces import standard_grid
-from lacuna.io.functional_connectome import ConnectomeFormatError, ConnectomeWriter, FunctionalConnectome
+from lacuna.formats.functional_connectome import ConnectomeFormatError, ConnectomeWriter, FunctionalConnectome
 
 SPACE = "MNI152NLin6Asym"
 R_MAX = 1 - 2**-20  # documented clip of r before arctanh
@@ -150,7 +150,7 @@ COHORT = [[(40 + i, 55 + j, 42 + k) for i in range(1 + k % 3) for j in range(3)]
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_cohort_pass_matches_numpy_reference(tmp_path, dtype):
-    from lacuna.analysis.functional_engine import DIRECT_MAX_LESIONS
+    from lacuna.analysis.functional.engine import DIRECT_MAX_LESIONS
 
     assert len(COHORT) > DIRECT_MAX_LESIONS
     data = _timeseries(11, 33, seed=11)
@@ -315,7 +315,7 @@ def test_mapped_reader_faults_subjects_in_ahead_on_huge_pages(tmp_path, monkeypa
     before it is handed over; the subjects still come out exactly as stored."""
     import mmap
 
-    from lacuna.io import functional_connectome as reader
+    from lacuna.formats import functional_connectome as reader
 
     data = _timeseries(6, 24, seed=5)
     _write(tmp_path / "c.h5", data)
@@ -351,7 +351,7 @@ def test_pass_with_many_blocks_and_groups_in_flight_matches_numpy(tmp_path, monk
     the next group would overtake it."""
     import time
 
-    from lacuna.analysis import functional_engine as engine
+    from lacuna.analysis.functional import engine as engine
 
     data = _timeseries(11, 30, seed=9)
     connectome = FunctionalConnectome.open(_write(tmp_path / "c.h5", data))

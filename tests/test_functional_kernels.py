@@ -8,9 +8,9 @@ from numba.extending import get_cython_function_address
 from scipy import special, stats
 
 from lacuna.analysis import compiled_primitives
-from lacuna.analysis import functional_kernels as kernels
-from lacuna.analysis.functional_engine import R_MAX
-from lacuna.analysis.t_statistics import benjamini_hochberg, two_sided_p
+from lacuna.analysis.functional import kernels as kernels
+from lacuna.analysis.functional.engine import R_MAX
+from lacuna.analysis.functional.t_statistics import benjamini_hochberg, two_sided_p
 
 
 def test_every_float16_value_is_widened_exactly():

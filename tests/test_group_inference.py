@@ -284,7 +284,7 @@ def test_zero_permutations_write_parametric_maps_only(cohort):
 
 
 def _options(tmp_path, table: pd.DataFrame, **options):
-    from lacuna.io.group_design import InferenceOptions
+    from lacuna.bids.group_options import InferenceOptions
 
     path = tmp_path / "participants.tsv"
     table.to_csv(path, sep="\t", index=False, na_rep="n/a")
@@ -292,7 +292,7 @@ def _options(tmp_path, table: pd.DataFrame, **options):
 
 
 def test_masks_match_rows_by_participant_and_session(tmp_path):
-    from lacuna.io.group_design import MaskIdentity, build_contrasts, load_participants
+    from lacuna.bids.group_design import MaskIdentity, build_contrasts, load_participants
 
     table = pd.DataFrame(
         {"participant_id": ["sub-01", "sub-01", "02", "sub-03"], "session_id": ["ses-a", "b", "n/a", "ses-a"], "score": ["1", "2", "3", "x"]}
@@ -314,7 +314,7 @@ def test_masks_match_rows_by_participant_and_session(tmp_path):
 
 
 def test_categorical_covariates_get_one_indicator_per_level_but_the_first(tmp_path):
-    from lacuna.io.group_design import MaskIdentity, build_contrasts, load_participants
+    from lacuna.bids.group_design import MaskIdentity, build_contrasts, load_participants
 
     table = pd.DataFrame(
         {"participant_id": ["sub-1", "sub-2", "sub-3", "sub-4"], "g": ["y", "n", "y", "n"], "site": ["B", "A", "C", "A"], "age": ["50", "61.5", "70", "40"]}

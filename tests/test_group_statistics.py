@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lacuna.analysis.group_statistics import (
+from lacuna.analysis.group.statistics import (
     TFCEGrid,
     liebermeister,
     liebermeister_logp,
@@ -358,7 +358,7 @@ def test_tfce_grid_of_voxels_in_any_order():
 
 
 def test_long_permutation_runs_log_an_eta(caplog, monkeypatch):
-    from lacuna.analysis import group_statistics
+    from lacuna.analysis.group import statistics as group_statistics
 
     monkeypatch.setattr(group_statistics, "_PROGRESS_SECONDS", 0.0)
     maps, case, z = cohort(v=20)

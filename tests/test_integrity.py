@@ -26,9 +26,9 @@ from test_conventions import (
     write_dataset,
 )
 
-from lacuna.cli.demo import DEMO_ATLAS, write_demo_atlas
+from lacuna.workflows.demo import DEMO_ATLAS, write_demo_atlas
 from lacuna.core.spaces import standard_grid
-from lacuna.io.validation import validate_bids_derivatives
+from lacuna.bids.validation import validate_bids_derivatives
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_group_error_leaves_the_previous_group_folder_whole(done, monkeypatch):
     bids, out = done
     assert lacuna(bids, out, "group").exit_code == 0
     before = {p.relative_to(out): p.read_bytes() for p in (out / "group").rglob("*") if p.is_file()}
-    import lacuna.io.group as group_module
+    import lacuna.workflows.group as group_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure while writing the overlap maps")

@@ -9,8 +9,8 @@ from nibabel.processing import resample_from_to
 
 from lacuna import SubjectData
 from lacuna.analysis import ParcelAggregation
-from lacuna.analysis.parcel_operator import ParcelOperator, parcel_operator
-from lacuna.assets.parcellations import ParcellationImage
+from lacuna.analysis.regional.parcel_operator import ParcelOperator, parcel_operator
+from lacuna.resources.parcellations import ParcellationImage
 from lacuna.core.results import VoxelMap
 from lacuna.core.grid import Grid
 from lacuna.core.spaces import standard_grid

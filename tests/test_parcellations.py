@@ -1,4 +1,4 @@
-"""Tests of the parcellation registry (lacuna.assets.parcellations)."""
+"""Tests of the parcellation registry (lacuna.resources.parcellations)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from fake_servers import FolderServer
 
-from lacuna.assets import parcellations as pm
-from lacuna.assets import (
+from lacuna.resources.parcellations import downloads as pm
+from lacuna.resources.parcellations import (
     CATALOGUE,
     CatalogueEntry,
     Parcellation,

@@ -251,7 +251,7 @@ def world(tmp_path, monkeypatch, static_server, shared_atlases, gsp_payload, trk
     from lacuna import SubjectData
     from lacuna.analysis import RegionalDamage
     from lacuna.io import gsp1000_to_hdf5
-    from lacuna.io.downloaders import base
+    from lacuna.net import http as base
 
     root, cwd = tmp_path / "root", tmp_path / "cwd"
     data = root / "data"

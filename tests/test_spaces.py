@@ -10,7 +10,8 @@ from nibabel.processing import resample_from_to
 from lacuna import SubjectData
 from lacuna.analysis import RegionalDamage
 from lacuna.core.errors import DownloadError
-from lacuna.core.spaces import Grid, standard_grid, to_space
+from lacuna.core.spaces import Grid, standard_grid
+from lacuna.resources.transforms import map_to_space, mask_to_space
 
 from conftest import save_mask, sphere, write_itk_transform
 
@@ -44,7 +45,7 @@ def test_affine_transform_moves_a_known_point(tmp_path, static_server, monkeypat
     _serve_transforms(static_server, tmp_path, monkeypatch, {"affine_lps": _translation(10.0)})
     grid = standard_grid(SIX, 2)
     img = nib.Nifti1Image(sphere(grid, (20, -10, 10), 8), grid.affine)
-    moved, notes = to_space(img, SIX, C, resolution=2)
+    moved, notes = mask_to_space(img, SIX, C, resolution=2)
     target = standard_grid(C, 2)
     assert moved.shape == target.shape and np.allclose(moved.affine, target.affine)
     np.testing.assert_allclose(_centre_of_mass_mm(moved.get_fdata(), target), (30, -10, 10), atol=1.0)
@@ -62,7 +63,7 @@ def test_displacement_field_is_read_in_itk_order(tmp_path, static_server, monkey
     grid = standard_grid(SIX, 2)
     for x, expected_dz in ((-40, -4.0), (40, 4.0)):
         img = nib.Nifti1Image(sphere(grid, (x, 0, 20), 8), grid.affine)
-        moved, _ = to_space(img, SIX, C, resolution=2)
+        moved, _ = mask_to_space(img, SIX, C, resolution=2)
         centre = _centre_of_mass_mm(moved.get_fdata(), standard_grid(C, 2))
         np.testing.assert_allclose(centre, (x, 0, 20 + expected_dz), atol=1.0)
 
@@ -90,20 +91,20 @@ def test_missing_transform_is_a_clear_error(tmp_path, monkeypatch):
     grid = standard_grid(SIX, 2)
     img = nib.Nifti1Image(sphere(grid, (0, 0, 0), 6), grid.affine)
     with pytest.raises(DownloadError, match="127.0.0.1"):
-        to_space(img, SIX, C, resolution=2)
+        mask_to_space(img, SIX, C, resolution=2)
 
 
 def test_continuous_maps_within_a_space_use_nibabel_trilinear(tmp_path):
     grid = standard_grid(SIX, 2)
     values = np.random.default_rng(0).normal(size=grid.shape).astype(np.float32)
     img = nib.Nifti1Image(values, grid.affine)
-    moved, _ = to_space(img, SIX, SIX, resolution=1, kind="continuous")
+    moved, _ = map_to_space(img, SIX, SIX, resolution=1)
     expected = resample_from_to(img, (standard_grid(SIX, 1).shape, standard_grid(SIX, 1).affine), order=1)
     np.testing.assert_allclose(moved.get_fdata(), expected.get_fdata(), atol=1e-5)
 
 
 def test_functional_maps_come_back_in_the_input_space(tmp_path, static_server, monkeypatch):
-    from lacuna.analysis.functional_network_mapping import FunctionalNetworkMapping
+    from lacuna.analysis.functional.network_mapping import FunctionalNetworkMapping
     from test_functional import _mask, _reference, _timeseries, _write
 
     _serve_transforms(static_server, tmp_path, monkeypatch, {"affine_lps": np.eye(4)}, {"affine_lps": np.eye(4)})
@@ -148,7 +149,7 @@ def test_transforms_fetch_command_caches_both_directions(tmp_path, static_server
 
 @pytest.mark.parametrize("form", ["folder", "file-url", "templateflow-home"])
 def test_transforms_come_from_a_local_mirror_or_templateflow_home(tmp_path, monkeypatch, form, isolated_data_dir):
-    from lacuna.assets.templates import transform_path
+    from lacuna.resources.templates import transform_path
 
     store = tmp_path / "templateflow"
     name = f"tpl-{C}_from-{SIX}_mode-image_xfm.h5"
@@ -162,5 +163,5 @@ def test_transforms_come_from_a_local_mirror_or_templateflow_home(tmp_path, monk
         assert copied == isolated_data_dir / "templateflow" / f"tpl-{C}" / name
         assert copied.read_bytes() == (store / f"tpl-{C}" / name).read_bytes()
     grid = standard_grid(SIX, 2)
-    moved, _ = to_space(nib.Nifti1Image(sphere(grid, (20, -10, 10), 8), grid.affine), SIX, C, resolution=2)
+    moved, _ = mask_to_space(nib.Nifti1Image(sphere(grid, (20, -10, 10), 8), grid.affine), SIX, C, resolution=2)
     np.testing.assert_allclose(_centre_of_mass_mm(moved.get_fdata(), standard_grid(C, 2)), (30, -10, 10), atol=1.0)

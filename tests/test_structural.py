@@ -25,12 +25,14 @@ from nibabel.streamlines import Tractogram, TckFile
 from scipy.spatial import cKDTree
 
 from lacuna.analysis import StructuralNetworkMapping
-from lacuna.assets.connectomes import ConnectomeError, register_structural_connectome
+from lacuna.resources.connectomes import ConnectomeError, register_structural_connectome
 from lacuna.core.errors import AnalysisError
 from lacuna.core.spaces import resample_mask, standard_grid
 from lacuna.core.subject import SubjectData
-from lacuna.io import tractogram_index
-from lacuna.io.tractogram_index import TractogramIndex, iter_streamline_chunks, upsample
+from lacuna.formats import tractogram_index
+from lacuna.formats.streamline_voxels import upsample
+from lacuna.formats.tck import iter_streamline_chunks, read_tractogram_info
+from lacuna.formats.tractogram_index import TractogramIndex
 
 SPACE = "MNI152NLin6Asym"
 GRID = standard_grid(SPACE, 2)
@@ -190,7 +192,7 @@ def test_tck_reader_matches_nibabel_across_chunk_sizes(tmp_path):
     (tmp_path / "be.tck").write_bytes(header + data.tobytes())
     points, lengths = next(iter_streamline_chunks(tmp_path / "be.tck"))
     np.testing.assert_array_equal(points, np.concatenate(streamlines))
-    assert tractogram_index.read_tractogram_info(tmp_path / "be.tck").step_size is None
+    assert read_tractogram_info(tmp_path / "be.tck").step_size is None
 
 
 def test_trk_gives_the_same_index_as_tck(tmp_path):
@@ -476,7 +478,7 @@ def test_parcellation_in_the_other_space_moves_the_endpoints(small_tck, shared_a
 
 def test_bids_app_structural_participant_and_group(tmp_path, small_tck, shared_atlases):
     from lacuna.cli.main import cli, expand_multi_value_options
-    from lacuna.io.validation import validate_bids_derivatives
+    from lacuna.bids.validation import validate_bids_derivatives
 
     path, streamlines = small_tck
     tck = tmp_path / "tiny.tck"

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 from lacuna.analysis import StructuralNetworkMapping
-from lacuna.io.tractogram_index import TractogramIndex, iter_streamline_chunks
+from lacuna.formats.tck import iter_streamline_chunks
+from lacuna.formats.tractogram_index import TractogramIndex
 
 from test_structural import GRID, SCHAEFER, SCHAEFER_FILE, SPACE, cortex_pool, sphere_mask, subject, synthetic_streamlines, write_tck
 

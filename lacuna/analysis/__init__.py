@@ -17,9 +17,9 @@ __getattr__, __dir__ = lazy_exports(
     {
         "Analysis": "lacuna.analysis.base",
         "BatchAnalysis": "lacuna.analysis.base",
-        "FunctionalNetworkMapping": "lacuna.analysis.functional_network_mapping",
-        "ParcelAggregation": "lacuna.analysis.parcel_aggregation",
-        "RegionalDamage": "lacuna.analysis.regional_damage",
-        "StructuralNetworkMapping": "lacuna.analysis.structural_network_mapping",
+        "FunctionalNetworkMapping": "lacuna.analysis.functional.network_mapping",
+        "ParcelAggregation": "lacuna.analysis.regional.aggregation",
+        "RegionalDamage": "lacuna.analysis.regional.damage",
+        "StructuralNetworkMapping": "lacuna.analysis.structural.network_mapping",
     },
 )

@@ -20,7 +20,8 @@ from lacuna.core.errors import AnalysisError, SpaceError
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.results import Result, VoxelMap
 from lacuna.core.interpolation import axis_maps, coverage_box, splatted_coverage_box
-from lacuna.core.spaces import HALF_COVERAGE, Grid, canonical_space, coverage_note, standard_grid, to_space
+from lacuna.core.spaces import HALF_COVERAGE, Grid, canonical_space, coverage_note, standard_grid
+from lacuna.resources.transforms import map_to_space, mask_to_space
 from lacuna.core.subject import SubjectData
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def mask_on_grid(
     On the subject's own grid this is the mask itself; on another grid of the same space
     it is the fraction of each target voxel covered by the lesion; in the other MNI
     space the mask goes through the TemplateFlow transform (see
-    :func:`lacuna.core.spaces.to_space`). Every move is noted in ``step`` (with the
+    :func:`lacuna.resources.transforms.mask_to_space`). Every move is noted in ``step`` (with the
     transform file among its inputs).
 
     Raises
@@ -148,10 +149,10 @@ def mask_on_grid(
     try:
         target_space = canonical_space(target_space)
     except SpaceError as exc:
-        raise AnalysisError(str(exc)) from None
+        raise AnalysisError(str(exc)) from exc
     if target_space == subject.space and target.matches(subject.grid):
         return subject.mask.astype(np.float32)
-    moved, notes = to_space(subject.mask_img, subject.space, target_space, grid=target, kind="mask")
+    moved, notes = mask_to_space(subject.mask_img, subject.space, target_space, grid=target)
     record_move(step, notes, subject.space, target_space)
     coverage = np.asanyarray(moved.dataobj)
     note_volumes(subject, coverage, target, step)
@@ -208,7 +209,7 @@ def record_move(step: ProvenanceStep, notes: list[str], source: str, target: str
         if note not in step.notes:
             step.notes.append(note)
     if source != target:
-        from lacuna.assets.templates import transform_path
+        from lacuna.resources.templates import transform_path
 
         transform = InputFile.from_path(f"transform:{source}->{target}", transform_path(source, target))
         if transform not in step.inputs:
@@ -226,7 +227,7 @@ def voxel_maps_to_space(
     for key, result in results.items():
         if isinstance(result, VoxelMap) and (canonical_space(result.space) != space or not result.grid.matches(grid)):
             img = nib.Nifti1Image(np.asarray(result.data, dtype=np.float32), result.affine)
-            out, notes = to_space(img, result.space, space, grid=grid, kind="continuous")
+            out, notes = map_to_space(img, result.space, space, grid=grid)
             record_move(step, [f"{result.name} map: {note}" for note in notes], canonical_space(result.space), space)
             result = dataclasses.replace(
                 result, data=np.asanyarray(out.dataobj), affine=out.affine, space=space, resolution=float(resolution), written_to=None

@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import tempfile
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -26,6 +27,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic
+
+from lacuna.core import settings
 
 
 def compile_kernel(function):
@@ -48,7 +51,7 @@ def kernel_cache_dir() -> str | None:
     cannot be written (then kernels are compiled in memory at each run)."""
     if numba.config.CACHE_DIR:
         return numba.config.CACHE_DIR
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = settings.xdg_cache_home() or Path.home() / ".cache"
     folder = os.path.join(base, "lacuna", "numba")
     try:
         os.makedirs(folder, exist_ok=True)

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import click
 
+from lacuna.cli.logs import setup_logging
 from lacuna.core.errors import AuthenticationError, LacunaError
-from lacuna.io.downloaders.base import SOURCE_NAMES, FetchConfig, FetchProgress, FetchResult, format_bytes
+from lacuna.net.disk import format_bytes
+from lacuna.resources.fetching.records import FetchConfig, FetchProgress, FetchResult
+from lacuna.resources.fetching.sources import SOURCE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ def _status_word(status: dict) -> str:
 
 
 def _print_sources() -> None:
-    from lacuna.io.fetch import get_fetch_status, list_fetchable_connectomes
+    from lacuna.resources.fetching.status import get_fetch_status, list_fetchable_connectomes
 
     click.echo(f"{'NAME':9s} {'TYPE':11s} {'SPACE':20s} {'SUBJECTS':>8s} {'SIZE':>8s}  {'SOURCE':10s} STATUS")
     for source in list_fetchable_connectomes():
@@ -130,7 +133,7 @@ def _check_options(source, options: dict) -> None:
 
 
 def _save_key(source, api_key: str) -> None:
-    from lacuna.io.downloaders.credentials import SERVICE_OF_SOURCE, save_api_key
+    from lacuna.net.credentials import SERVICE_OF_SOURCE, save_api_key
 
     path = save_api_key(SERVICE_OF_SOURCE[source.name], api_key)
     click.echo(f"saved the API key to {path} (readable by you only)", err=True)
@@ -179,9 +182,8 @@ def fetch(name, list_only, output_dir, api_key, save_key, batches, test_mode, sk
     An interrupted fetch resumes when the same command is run again. Servers can be
     replaced by mirrors: LACUNA_DATAVERSE_URL, LACUNA_FIGSHARE_API_URL, LACUNA_HCP1065_URL.
     """
-    from lacuna.cli.main import _setup_logging
-    from lacuna.io.downloaders.base import default_output_dir, get_source
-    from lacuna.io.fetch import fetch_from_config
+    from lacuna.resources.fetching.dispatch import fetch_from_config
+    from lacuna.resources.fetching.sources import default_output_dir, get_source
 
     if list_only:
         if name:
@@ -194,7 +196,7 @@ def fetch(name, list_only, output_dir, api_key, save_key, batches, test_mode, sk
     options = dict(batches=batches, test_mode=test_mode, skip_checksum=skip_checksum, api_key=api_key,
                    save_key=save_key, no_keep_original=no_keep_original)
     _check_options(source, options)
-    _setup_logging(max(verbose - 1, 0), 0 if verbose else 1)
+    setup_logging(max(verbose - 1, 0), 0 if verbose else 1)
     try:
         config = FetchConfig.from_cli_args(
             dict(connectome=source.name, output_dir=output_dir or default_output_dir(source.name), api_key=api_key,
@@ -202,7 +204,7 @@ def fetch(name, list_only, output_dir, api_key, save_key, batches, test_mode, sk
                  no_register=no_register, register_name=register_name)
         )
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise click.UsageError(str(exc)) from exc
     extra = {"test_mode": test_mode, "skip_checksum": skip_checksum} if source.type == "functional" else {}
     printer = ProgressPrinter()
     try:
@@ -213,13 +215,13 @@ def fetch(name, list_only, output_dir, api_key, save_key, batches, test_mode, sk
         sys.exit(130)
     except AuthenticationError as exc:
         printer.close()
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(str(exc)) from exc
     except (LacunaError, ValueError, FileNotFoundError) as exc:
         printer.close()
         if save_key:
             _save_key(source, api_key)
         failed = FetchResult(success=False, connectome_name=source.name, output_dir=config.output_dir, error=str(exc))
-        raise click.ClickException(failed.summary() + "\nRun the same command again to resume.") from None
+        raise click.ClickException(failed.summary() + "\nRun the same command again to resume.") from exc
     printer.close()
     if save_key:
         _save_key(source, api_key)
@@ -231,13 +233,13 @@ def fetch(name, list_only, output_dir, api_key, save_key, batches, test_mode, sk
 def connectomes_status(name):
     """Show whether the fetchable connectomes (or NAME) are downloaded, processed and
     registered, where, and how much disk they use."""
-    from lacuna.io.downloaders.base import get_source
-    from lacuna.io.fetch import get_fetch_status
+    from lacuna.resources.fetching.sources import get_source
+    from lacuna.resources.fetching.status import get_fetch_status
 
     try:
         sources = [get_source(name)] if name else [get_source(n) for n in SOURCE_NAMES]
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(str(exc)) from exc
     for source in sources:
         status = get_fetch_status(source.name)
         yes = {True: "yes", False: "no"}

@@ -18,9 +18,10 @@ from pathlib import Path
 import click
 
 from lacuna._version import __version__
-from lacuna.cli import messages
-from lacuna.cli.config import ANALYSES, DEFAULT_ANALYSES, DEFAULT_ATLASES, RunConfig
+from lacuna.workflows import messages
+from lacuna.workflows.config import ANALYSES, DEFAULT_ANALYSES, DEFAULT_ATLASES, RunConfig
 from lacuna.cli.fetch_commands import connectomes_status, fetch
+from lacuna.cli.logs import setup_logging
 from lacuna.cli.group_options import MULTI_VALUE_GROUP_OPTIONS, group_inference_options
 from lacuna.core.errors import LacunaError, UnknownLevelError, UsageError
 from lacuna.core.space_names import ACCEPTED_SPACES
@@ -118,21 +119,6 @@ class BidsAppGroup(click.Group):
     def format_usage(self, ctx, formatter):
         formatter.write("Usage: lacuna BIDS_DIR OUTPUT_DIR {participant,group} [OPTIONS]\n")
         formatter.write("       lacuna COMMAND [ARGS]...\n")
-
-
-def _setup_logging(verbose: int, quiet: int) -> None:
-    """INFO by default (progress, skips); -v Lacuna's DEBUG messages (details, the time
-    breakdown); -vv every library's too; -q WARNING; -qq ERROR."""
-    level = max(logging.DEBUG, min(logging.CRITICAL, logging.INFO - 10 * verbose + 10 * quiet))
-    libraries = level if verbose >= 2 else max(level, logging.INFO)
-    logging.basicConfig(
-        level=libraries,
-        format="%(asctime)s %(levelname)-7s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
-    logging.getLogger("lacuna").setLevel(level if level < libraries else logging.NOTSET)
 
 
 @click.group(
@@ -316,7 +302,7 @@ def run_command(bids_dir, output_dir, analysis_level, verbose, quiet, analyses, 
     group        reduce the participant outputs in OUTPUT_DIR to group tables,
                  lesion-overlap maps and a summary (never recomputes analyses).
     """
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     if analysis_level not in _LEVELS:
         _exit_with(UnknownLevelError(messages.UNKNOWN_LEVEL.format(level=analysis_level)))
     if options.get("mask_transform") and not options.get("mask_space"):
@@ -357,7 +343,7 @@ def _exit_with(exc: BaseException) -> None:
 
 
 def _run_participant(config: RunConfig) -> None:
-    from lacuna.cli.participant import run_participant
+    from lacuna.workflows.participant import run_participant
     from lacuna.core.atomic import write_json
 
     if config.work_dir:
@@ -369,9 +355,9 @@ def _run_participant(config: RunConfig) -> None:
 
 
 def _run_group(config: RunConfig) -> None:
-    from lacuna.io.group import run_group
+    from lacuna.workflows.group import run_group
 
-    from lacuna.io.group_design import InferenceOptions
+    from lacuna.bids.group_options import InferenceOptions
 
     summary = run_group(
         config.output_dir, config.participant_labels, config.session_labels, config.mask_labels,
@@ -397,7 +383,7 @@ def atlases():
 @click.option("--atlas-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Also list atlases in this folder.")
 def atlases_list(atlas_dir):
     """List the parcellations Lacuna knows (catalogue, registered, --atlas-dir)."""
-    from lacuna.assets.parcellations import list_parcellations
+    from lacuna.resources.parcellations import list_parcellations
 
     for info in list_parcellations(atlas_dir=atlas_dir):
         cached = "cached" if info.cached else "not cached"
@@ -410,9 +396,9 @@ def atlases_list(atlas_dir):
 @click.option("-v", "--verbose", count=True)
 def atlases_fetch(names, fetch_all, verbose):
     """Download catalogue parcellations into the data cache (LACUNA_ATLAS_URL for a mirror)."""
-    from lacuna.assets.parcellations import CATALOGUE, get_parcellation
+    from lacuna.resources.parcellations import CATALOGUE, get_parcellation
 
-    _setup_logging(verbose, 0)
+    setup_logging(verbose, 0)
     if fetch_all:
         names = tuple(CATALOGUE)
     if not names:
@@ -422,7 +408,7 @@ def atlases_fetch(names, fetch_all, verbose):
             parcellation = get_parcellation(name)
             click.echo(f"{name}: {parcellation.image_path}")
     except LacunaError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(str(exc)) from exc
 
 
 @atlases.command("register")
@@ -438,12 +424,12 @@ def atlases_fetch(names, fetch_all, verbose):
 @click.option("--overwrite", is_flag=True, help="Replace an existing registration of NAME.")
 def atlases_register(name, image, labels, space, citation, overwrite):
     """Register your own parcellation IMAGE under NAME (<atlas> or <atlas>_<desc>)."""
-    from lacuna.assets.parcellations import register_parcellation
+    from lacuna.resources.parcellations import register_parcellation
 
     try:
         parcellation = register_parcellation(name, image, labels, space=space, citation=citation, overwrite=overwrite)
     except (LacunaError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"registered {parcellation.name} ({parcellation.space}): {parcellation.image_path}")
 
 
@@ -457,14 +443,14 @@ def transforms():
 def transforms_fetch(verbose):
     """Download both transforms into the data cache (LACUNA_TEMPLATEFLOW_URL for a mirror),
     so that runs across spaces need no network."""
-    from lacuna.assets.templates import transform_path
+    from lacuna.resources.templates import transform_path
 
-    _setup_logging(verbose, 0)
+    setup_logging(verbose, 0)
     try:
         for source, target in (("MNI152NLin6Asym", "MNI152NLin2009cAsym"), ("MNI152NLin2009cAsym", "MNI152NLin6Asym")):
             click.echo(f"{source} -> {target}: {transform_path(source, target)}")
     except LacunaError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(str(exc)) from exc
 
 
 @cli.group()
@@ -475,7 +461,7 @@ def connectomes():
 @connectomes.command("list")
 def connectomes_list():
     """List registered connectomes."""
-    from lacuna.assets.connectomes import list_connectomes
+    from lacuna.resources.connectomes import list_connectomes
 
     found = list_connectomes()
     if not found:
@@ -498,7 +484,7 @@ def connectomes_list():
 def connectomes_register(name, path, space, resolution, n_subjects, description, citation, force):
     """Register PATH under NAME: an HDF5 functional connectome (file or folder of batch
     files, needs --resolution) or a .tck/.trk tractogram (structural)."""
-    from lacuna.assets import connectomes as registry
+    from lacuna.resources import connectomes as registry
 
     try:
         if path.suffix in (".tck", ".trk"):
@@ -512,7 +498,7 @@ def connectomes_register(name, path, space, resolution, n_subjects, description,
                 name, path, space, resolution, n_subjects=n_subjects, description=description, citation=citation, overwrite=force
             )
     except (LacunaError, ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"registered {registered.kind} connectome {registered.name}: {registered.path}")
 
 
@@ -520,12 +506,12 @@ def connectomes_register(name, path, space, resolution, n_subjects, description,
 @click.argument("name")
 def connectomes_remove(name):
     """Remove the registration NAME (files are kept)."""
-    from lacuna.assets.connectomes import unregister_connectome
+    from lacuna.resources.connectomes import unregister_connectome
 
     try:
         unregister_connectome(name)
     except LacunaError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"removed {name}")
 
 
@@ -533,7 +519,7 @@ def connectomes_remove(name):
 @click.argument("derivatives_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def validate(derivatives_dir):
     """Check a Lacuna derivatives folder against Lacuna's bundled schema."""
-    from lacuna.io.validation import validate_bids_derivatives
+    from lacuna.bids.validation import validate_bids_derivatives
 
     report = validate_bids_derivatives(derivatives_dir, raise_on_error=False)
     for warning in report["warnings"]:
@@ -557,13 +543,13 @@ def demo(out_dir, nprocs, verbose, quiet):
     parcellation, clearly named as such), and OUT_DIR/derivatives/lacuna, then runs
     participant and group levels and validates the outputs.
     """
-    from lacuna.cli.demo import run_demo
+    from lacuna.workflows.demo import run_demo
 
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     try:
         report = run_demo(out_dir, nprocs=nprocs)
     except LacunaError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(str(exc)) from exc
     click.echo(report)
 
 

@@ -35,6 +35,17 @@ def parse_entities(filename: str | Path) -> dict[str, str]:
     return entities
 
 
+def mask_label(entities: dict[str, str]) -> str | None:
+    """The label of a lesion mask from its entities: ``label-``, else ``desc-`` (as
+    ATLAS v2.0 and older datasets name masks ``desc-lesion_mask``), else None."""
+    return entities.get("label") or entities.get("desc")
+
+
+def alphanumeric(text: str) -> str:
+    """``text`` with everything but letters and digits removed (for BIDS labels)."""
+    return re.sub(r"[^A-Za-z0-9]", "", text)
+
+
 def sidecar_path(image_path: str | Path) -> Path:
     """The JSON sidecar that belongs to an image."""
     image_path = Path(image_path)

@@ -74,6 +74,19 @@ def load_user_transform(path: str | Path):
         ) from exc
 
 
+def resample_through(transform, img: nib.Nifti1Image, grid: Grid) -> np.ndarray:
+    """Trilinear values of ``img`` at the voxel centres of ``grid`` through a nitransforms
+    ``transform`` (target points to the image's points; 0 outside the image), float32."""
+    from nitransforms.resampling import apply
+
+    moving = nib.Nifti1Image(np.asanyarray(img.dataobj).astype(np.float32), Grid.of(img).affine)
+    reference = nib.Nifti1Image(np.zeros(grid.shape, dtype=np.uint8), grid.affine)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Reference space not set")
+        moved = apply(transform, moving, reference=reference, order=1, mode="constant", cval=0.0)
+    return np.asanyarray(moved.dataobj, dtype=np.float32)
+
+
 def registered_mask(
     img: nib.Nifti1Image, transform_path: str | Path, space: str, resolution: float | None = None
 ) -> tuple[nib.Nifti1Image, ProvenanceStep]:
@@ -100,20 +113,13 @@ def registered_mask(
     ValidationError
         If the transform cannot be read, or no lesion voxel lands on the template grid.
     """
-    from nitransforms.resampling import apply
-
     transform_path = Path(transform_path)
     space = canonical_space(space)
     source = Grid.of(img)
     if resolution is None:
         resolution = 1 if float(source.voxel_sizes.max()) <= 1.5 else 2
     target = standard_grid(space, resolution)
-    moving = nib.Nifti1Image(np.asanyarray(img.dataobj).astype(np.float32), source.affine)
-    reference = nib.Nifti1Image(np.zeros(target.shape, dtype=np.uint8), target.affine)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Reference space not set")
-        moved = apply(load_user_transform(transform_path), moving, reference=reference, order=1, mode="constant", cval=0.0)
-    values = np.asanyarray(moved.dataobj, dtype=np.float32)
+    values = resample_through(load_user_transform(transform_path), img, target)
     mask = (values >= HALF_COVERAGE).astype(np.uint8)
     before = float(np.count_nonzero(np.asanyarray(img.dataobj))) * source.voxel_volume_mm3
     after = float(np.count_nonzero(mask)) * target.voxel_volume_mm3

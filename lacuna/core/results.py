@@ -5,7 +5,7 @@
 * :class:`ConnectivityMatrix` — region x region values (TSV + sidecar).
 * :class:`ScalarMetric` — one number (collected into a JSON file).
 
-File *names* are built in :mod:`lacuna.io.naming`; this module only knows contents.
+File *names* are built in :mod:`lacuna.bids.names`; this module only knows contents.
 """
 
 from __future__ import annotations

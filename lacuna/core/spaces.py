@@ -29,8 +29,6 @@ Resampling rules
 
 from __future__ import annotations
 
-import warnings
-
 import nibabel as nib
 import numpy as np
 
@@ -201,76 +199,32 @@ def resample_continuous(img: nib.Nifti1Image, target: Grid) -> nib.Nifti1Image:
     return out
 
 
-def to_space(
-    img: nib.Nifti1Image,
-    space: str,
-    target_space: str,
-    resolution: float | None = None,
-    grid: Grid | None = None,
-    kind: str = "mask",
-) -> tuple[nib.Nifti1Image, list[str]]:
-    """Bring an image to a (space, resolution) target — the one entry point for moves.
-
-    Parameters
-    ----------
-    img : nibabel image
-        3-D image in ``space``.
-    space, target_space : str
-        Spaces of the image and of the target.
-    resolution : float, optional
-        Target resolution (the standard grid of ``target_space``); or give ``grid``.
-    grid : Grid, optional
-        Explicit target grid (e.g. an atlas or connectome grid) in ``target_space``.
-    kind : {"mask", "continuous"}
-        ``mask``: a binary mask; the result holds the covered fraction of each target
-        voxel (half-coverage rule within a space; across spaces, trilinear interpolation
-        of the mask through the transform). ``continuous``: trilinear interpolation.
+def mask_within_space(img: nib.Nifti1Image, grid: Grid) -> tuple[nib.Nifti1Image, list[str]]:
+    """Bring a binary 3-D mask onto ``grid`` of its own space: the covered fraction of
+    each target voxel (half-coverage rule; moves across spaces:
+    :func:`lacuna.resources.transforms.mask_to_space`).
 
     Returns
     -------
     (image, notes)
-        The float32 image on the target grid, and provenance notes describing the move.
-
-    Notes
-    -----
-    Across MNI152NLin6Asym and MNI152NLin2009cAsym the TemplateFlow transform
-    ``tpl-<target>_from-<source>_mode-image_xfm.h5`` is applied with nitransforms
-    (:mod:`lacuna.assets.templates`).
+        The float32 image on ``grid``, and provenance notes describing the move (none
+        when the grids already agree).
     """
-    if kind not in ("mask", "continuous"):
-        raise ValueError(f"kind must be 'mask' or 'continuous', not {kind!r}")
-    space, target_space = canonical_space(space), canonical_space(target_space)
-    if grid is None:
-        if resolution is None:
-            raise ValueError("give a target resolution or grid")
-        grid = standard_grid(target_space, resolution)
     source = Grid.of(img)
     data = np.asanyarray(img.dataobj)
-    if space == target_space:
-        if source.matches(grid):
-            result = data.astype(np.float32)
-            notes = []
-        elif kind == "mask":
-            result = coverage_fraction(data.astype(bool), source.affine, grid)
-            notes = [coverage_note(source, grid)]
-        else:
-            result = np.asanyarray(resample_continuous(img, grid).dataobj, dtype=np.float32)
-            notes = [trilinear_note(source, grid)]
-        return _float_image(result, grid), notes
-    from lacuna.assets.templates import load_transform, transform_path
-    from nitransforms.resampling import apply
+    if source.matches(grid):
+        return float_image(data, grid), []
+    return float_image(coverage_fraction(data.astype(bool), source.affine, grid), grid), [coverage_note(source, grid)]
 
-    path = transform_path(space, target_space)
-    moving = nib.Nifti1Image(data.astype(np.float32), source.affine)
-    reference = nib.Nifti1Image(np.zeros(grid.shape, dtype=np.uint8), grid.affine)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Reference space not set")
-        moved = apply(load_transform(path), moving, reference=reference, order=1, mode="constant", cval=0.0)
-    result = np.asanyarray(moved.dataobj, dtype=np.float32)
-    if kind == "mask":
-        result = np.clip(result, 0.0, 1.0)
-    notes = [f"transformed from {space} to {target_space} ({grid.describe()}) with {path.name} (trilinear)"]
-    return _float_image(result, grid), notes
+
+def map_within_space(img: nib.Nifti1Image, grid: Grid) -> tuple[nib.Nifti1Image, list[str]]:
+    """Bring a continuous 3-D map onto ``grid`` of its own space (trilinear); returns
+    the float32 image and its provenance notes as :func:`mask_within_space`."""
+    source = Grid.of(img)
+    if source.matches(grid):
+        return float_image(np.asanyarray(img.dataobj), grid), []
+    resampled = np.asanyarray(resample_continuous(img, grid).dataobj, dtype=np.float32)
+    return float_image(resampled, grid), [trilinear_note(source, grid)]
 
 
 def coverage_note(source: Grid, target: Grid) -> str:
@@ -283,7 +237,8 @@ def trilinear_note(source: Grid, target: Grid) -> str:
     return f"resampled (trilinear) from {source.describe()} to {target.describe()}"
 
 
-def _float_image(data: np.ndarray, grid: Grid) -> nib.Nifti1Image:
+def float_image(data: np.ndarray, grid: Grid) -> nib.Nifti1Image:
+    """``data`` as a float32 NIfTI image on ``grid`` (units mm)."""
     img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), grid.affine)
     img.header.set_xyzt_units("mm")
     return img

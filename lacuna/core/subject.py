@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from lacuna.core.entities import parse_entities, parse_resolution, read_sidecar
+from lacuna.core.entities import parse_entities, parse_resolution, read_sidecar, mask_label
 from lacuna.core.errors import SpaceError, ValidationError
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.results import Result
@@ -380,7 +380,7 @@ def _load_image(path: Path) -> nib.Nifti1Image:
         raise ValidationError(
             f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc}); check that the "
             "file is a complete .nii/.nii.gz image and re-export it if not"
-        ) from None
+        ) from exc
     return nib.Nifti1Image(data, img.affine, img.header)
 
 
@@ -388,7 +388,7 @@ def _read_sidecar_checked(path: Path) -> dict:
     try:
         return read_sidecar(path)
     except (OSError, ValueError) as exc:
-        raise ValidationError(f"{path}: its JSON sidecar cannot be read ({exc}); fix or remove it") from None
+        raise ValidationError(f"{path}: its JSON sidecar cannot be read ({exc}); fix or remove it") from exc
 
 
 def _checked_mask_data(data: np.ndarray, source: str) -> np.ndarray:
@@ -432,7 +432,7 @@ def _metadata_from_entities(entities: dict[str, str], path: Path) -> dict:
     info = {
         "subject_id": entities.get("sub"),
         "session_id": entities.get("ses"),
-        "label": entities.get("label") or entities.get("desc"),
+        "label": mask_label(entities),
         "source_path": str(path.resolve()),
     }
     for key in ("acq", "run", "res"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from lacuna.core import settings
 from lacuna.core.errors import UsageError
 
 #: Variables that size the thread pools of the numerical libraries; read when each
@@ -14,8 +15,7 @@ LIBRARY_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_
 
 def worker_threads() -> int:
     """Threads for the per-block work: ``$LACUNA_NUM_THREADS`` or the usable CPUs."""
-    value = os.environ.get("LACUNA_NUM_THREADS")
-    return max(1, int(value)) if value else max(1, len(os.sched_getaffinity(0)))
+    return settings.num_threads() or max(1, len(os.sched_getaffinity(0)))
 
 
 def threads_per_process(nprocs: int, nthreads: int | None = None, omp_nthreads: int | None = None) -> int | None:

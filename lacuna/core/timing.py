@@ -1,4 +1,5 @@
-"""Where a run's time goes: named phases, and done/total progress with an ETA."""
+"""Where a run's time goes: named phases, done/total progress with an ETA, and the
+throttled progress lines of long steps (:class:`ProgressLog`)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,33 @@ class Progress:
             return ""
         elapsed = time.perf_counter() - self._started
         return f"ETA {elapsed / self.done * (self.total - self.done):.0f} s"
+
+
+class ProgressLog:
+    """Progress lines of a long step: ``<what>: <done>/<total> <unit>, ETA <s> s``.
+
+    Call it with ``(done, total, seconds)`` (``total`` may be None when unknown,
+    ``seconds`` since the step began). A line is logged at INFO at most every
+    ``interval`` seconds, and one when the step ends; that last line is at INFO only
+    when earlier ones were, so a short step adds no INFO line (DEBUG instead).
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, unit: str = "", interval: float = 10.0):
+        self.logger, self.what, self.unit, self.interval = logger, what, unit, interval
+        self._last = 0.0
+        self._logged = False
+
+    def __call__(self, done: int, total: int | None, seconds: float) -> None:
+        finished = total is not None and done >= total
+        if seconds - self._last < self.interval and not finished:
+            return
+        self._last = seconds
+        count = f"{done}/{total}" if total else f"{done}"
+        text = f"{self.what}: {count}" + (f" {self.unit}" if self.unit else "")
+        if not finished:
+            text += f", {seconds:.0f} s elapsed"
+            if total and done:
+                text += f", ETA {seconds / done * (total - done):.0f} s"
+        level = logging.INFO if self._logged or not finished else logging.DEBUG
+        self.logger.log(level, "%s", text)
+        self._logged = self._logged or level == logging.INFO

@@ -46,7 +46,7 @@ IMAGE_TAG = f"ghcr.io/lacuna-neuro/lacuna:{__version__}"
 ATLASES = ("SyntheticDemo_16Parcels", "Schaefer2018_100Parcels7Networks", "TianSubcortex_3TS1")
 CROSS_SPACE_ATLAS = "HCP1065_thr0p1"  # MNI152NLin2009aAsym: needs the baked transforms
 USER = "12345:12345"
-HAS_TRANSFORMS = importlib.util.find_spec("lacuna.assets.templates") is not None
+HAS_TRANSFORMS = importlib.util.find_spec("lacuna.resources.templates") is not None
 SUMMARY: dict[str, str] = {}
 
 
@@ -134,7 +134,7 @@ def mirror(tmp_path_factory):
         (root / source.name).symlink_to(source)
     if HAS_TRANSFORMS:
         # Identity stand-ins for TemplateFlow's transforms (the real ones are not here).
-        from lacuna.assets.templates import transform_file_name
+        from lacuna.resources.templates import transform_file_name
 
         for source, target in ((SPACE, "MNI152NLin2009cAsym"), ("MNI152NLin2009cAsym", SPACE)):
             write_itk_transform(root / f"tpl-{target}" / transform_file_name(source, target), np.eye(4))
@@ -163,9 +163,9 @@ def image(podman, mirror):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Demo dataset and atlas, and a host connectome cache (world-readable)."""
-    from lacuna.cli.demo import write_demo_atlas, write_demo_dataset
+    from lacuna.workflows.demo import write_demo_atlas, write_demo_dataset
     from lacuna.core.spaces import standard_grid
-    from lacuna.io.functional_connectome import ConnectomeWriter
+    from lacuna.formats.functional_connectome import ConnectomeWriter
 
     root = tmp_path_factory.mktemp("container_inputs")
     write_demo_dataset(root / "bids")

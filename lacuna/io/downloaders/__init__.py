@@ -1,30 +1,6 @@
-"""Download sources of the fetchable connectomes (Dataverse, Figshare, GitHub releases).
+"""Kept for the documented path :mod:`lacuna.io.downloaders.base`; the downloaders
+themselves are in :mod:`lacuna.resources.fetching`."""
 
-The dataclasses of the fetch API (:class:`ConnectomeSource`, :class:`FetchConfig`,
-:class:`FetchProgress`, :class:`FetchResult`) live in :mod:`.base`; the clients in
-:mod:`.dataverse`, :mod:`.figshare` and :mod:`.github`; safe archive extraction in
-:mod:`.archives`; the API-key file in :mod:`.credentials`. The pipelines that use them
-are in :mod:`lacuna.io.fetch`.
-"""
+from lacuna.io.downloaders.base import ConnectomeSource, FetchConfig, FetchProgress, FetchResult
 
-from lacuna.io.downloaders.base import (
-    ConnectomeSource,
-    FetchConfig,
-    FetchProgress,
-    FetchResult,
-    InsufficientDiskSpaceError,
-    RemoteFile,
-    connectome_sources,
-    get_source,
-)
-
-__all__ = [
-    "ConnectomeSource",
-    "FetchConfig",
-    "FetchProgress",
-    "FetchResult",
-    "InsufficientDiskSpaceError",
-    "RemoteFile",
-    "connectome_sources",
-    "get_source",
-]
+__all__ = ["ConnectomeSource", "FetchConfig", "FetchProgress", "FetchResult"]

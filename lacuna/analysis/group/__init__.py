@@ -1,0 +1,1 @@
+"""Group-level statistics: the permutation GLM, TFCE and their compiled kernels."""

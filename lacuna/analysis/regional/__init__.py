@@ -1,0 +1,1 @@
+"""Regional damage and parcel summaries of maps (sparse parcel operators)."""

@@ -1,0 +1,1 @@
+"""Structural lesion network mapping (disconnection) against a tractogram index."""
