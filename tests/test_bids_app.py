@@ -900,11 +900,14 @@ def test_killing_a_parallel_run_leaves_no_worker_behind(tmp_path):
     out = tmp_path / "out"
     args = [_lacuna_executable(), str(bids), str(out), "participant", "--atlas-dir", str(ATLAS_ROOT), "--atlas", ATLAS,
             "--atlas", TIAN, "--skip-bids-validation", "--nprocs", "2"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "lacuna.log"
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not list(out.glob("sub-*/anat/*_provenance.json")):
-            assert proc.poll() is None and time.monotonic() < deadline
+            assert proc.poll() is None, f"lacuna exited ({proc.returncode}) before writing any output:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no output after 60 s:\n{log.read_text()}"
             time.sleep(0.002)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
