@@ -312,3 +312,32 @@ def test_kill_9_of_a_parallel_run_leaves_no_named_semaphore(tmp_path, shared_atl
     time.sleep(0.5)
     left = _named_in_dev_shm(used)
     assert left == [], f"named semaphores left in /dev/shm: {left}"
+
+
+def test_provenance_lists_the_checksum_of_every_output_on_disk(done):
+    """Checksums are taken from the bytes written, not read back: they must still be
+    those of the files."""
+    _, out = done
+    provenances = list(out.glob("sub-*/anat/*_provenance.json"))
+    assert len(provenances) == 3
+    for provenance in provenances:
+        listed = json.loads(provenance.read_text())["outputs"]
+        assert len(listed) >= 4
+        for output in listed:
+            assert sha256(out / output["path"]) == output["sha256"], output["path"]
+
+
+def test_atomic_write_makes_the_missing_folder_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from lacuna.core import atomic
+
+    target = tmp_path / "new" / "deeper" / "x.json"
+    atomic.write_json(target, {"a": float("nan")})
+    assert json.loads(target.read_text()) == {"a": None}
+
+    def refuse(source, destination):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(atomic.os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        atomic.atomic_write_bytes(tmp_path / "new" / "y.nii.gz", b"data")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["deeper"]

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from lacuna.core import memory
 from lacuna.core.memory import MADV_NOHUGEPAGE, madvise, zeros_on_small_pages
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise advice and /proc are Linux's")
@@ -72,3 +73,26 @@ def test_madvise_reports_refusal():
     assert madvise(array, start, mmap.PAGESIZE, MADV_NOHUGEPAGE)
     assert not madvise(array, start + 1, mmap.PAGESIZE, MADV_NOHUGEPAGE)  # unaligned: EINVAL
     assert not madvise(array, start, mmap.PAGESIZE, None)  # advice this platform lacks
+
+
+def test_release_free_heap_returns_freed_memory_to_the_system():
+    """Blocks freed in the middle of malloc's heap stay in the RSS until trimmed."""
+    if not memory.release_free_heap():
+        pytest.skip("the C library has no malloc_trim")
+    blocks = [bytearray(64 * 1024) for _ in range(3000)]  # 190 MB below the mmap threshold
+    for block in blocks:
+        block[::4096] = b"x" * len(block[::4096])  # touch every page
+    kept = blocks[::100]  # pins the heap's top, so free() alone cannot shrink it
+    del blocks
+    before = _rss_anon_kb()
+    memory.release_free_heap()
+    after = _rss_anon_kb()
+    assert before - after > 100 * 1024, (before, after)
+    assert len(kept) == 30
+
+
+def _rss_anon_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    pytest.skip("no RssAnon in /proc/self/status")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lacuna.core.tsv import write_columns_tsv
+from lacuna.core.tsv import matrix_columns, tsv_bytes, write_columns_tsv
 
 
 def test_same_bytes_as_pandas(tmp_path):
@@ -33,3 +33,24 @@ def test_same_bytes_as_pandas(tmp_path):
 def test_columns_of_different_lengths(tmp_path):
     with pytest.raises(ValueError, match="different lengths"):
         write_columns_tsv(tmp_path / "x.tsv", {"a": [1, 2], "b": [1]})
+
+
+def test_matrix_same_bytes_as_pandas(tmp_path):
+    """Connectivity matrices (ints and floats, NaN, tiny and huge values) as pandas
+    writes them from a labelled DataFrame."""
+    rng = np.random.default_rng(4)
+    names = [f"7Networks_LH_Vis_{i}" for i in range(5)] + ["with space"]
+    floats = rng.standard_normal((6, 6)) * 10.0 ** rng.integers(-9, 9, (6, 6))
+    floats[2, 3] = np.nan
+    counts = rng.integers(0, 10**6, (6, 6))
+    for matrix in (floats, counts):
+        ours = tsv_bytes(matrix_columns(names, matrix))
+        frame = pd.DataFrame(matrix, index=names, columns=names).reset_index(names="name")
+        assert ours == frame.to_csv(sep="\t", index=False, na_rep="n/a", lineterminator="\n").encode()
+
+
+def test_matrix_names_must_be_unique():
+    with pytest.raises(ValueError, match="unique"):
+        matrix_columns(["a", "a"], np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="2 matrix rows for 3"):
+        matrix_columns(["a", "b", "c"], np.zeros((2, 2)))

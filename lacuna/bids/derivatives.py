@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -15,14 +16,14 @@ import nibabel as nib
 from lacuna.bids.dataset import initialise_derivatives
 from lacuna.bids.integrity import output_problems, recorded_input_sha256
 from lacuna.bids.names import MaskOutputs, format_resolution, sidecar_of
-from lacuna.core.atomic import atomic_path, atomic_write_bytes, write_json
+from lacuna.core.atomic import atomic_write_bytes, json_bytes, write_json
 from lacuna.core.errors import LacunaError
 from lacuna.core.nifti_files import image_bytes
 from lacuna.core.provenance import remember_sha256, sha256_file, software_versions, utc_now
-from lacuna.core.results import ConnectivityMatrix, ParcelData, ScalarMetric, VoxelMap, write_tsv
+from lacuna.core.results import ConnectivityMatrix, ParcelData, ScalarMetric, VoxelMap
 from lacuna.core.spaces import identify_standard_grid
 from lacuna.core.subject import SubjectData
-from lacuna.core.tsv import write_columns_tsv
+from lacuna.core.tsv import matrix_columns, tsv_bytes
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +55,22 @@ def save_nifti(mask_data: SubjectData, output_path: str | Path, save_anatomical:
         _save_image(mask_data.anatomical_img, output_path.with_name(f"{stem}_anatomical{extension}"), durable=True)
 
 
-def _save_image(img: nib.Nifti1Image, path: Path, durable: bool = False) -> None:
+def _save_image(img: nib.Nifti1Image, path: Path, durable: bool = False) -> str:
     """Write a NIfTI image atomically (fast gzip: :mod:`lacuna.core.compression`; not
     flushed to the disk unless ``durable``: a mask's outputs are covered by the
-    checksums of its provenance file, which is)."""
-    _save_bytes(image_bytes(img, path.name), path, durable)
+    checksums of its provenance file, which is); returns its SHA-256."""
+    return _save_bytes(image_bytes(img, path.name), path, durable)
 
 
-def _save_bytes(data: bytes, path: Path, durable: bool = False) -> None:
+def _save_bytes(data: bytes, path: Path, durable: bool = False) -> str:
+    """Write ``data`` atomically; returns its SHA-256 (so the file is not read back)."""
     atomic_write_bytes(path, data, durable=durable)
-    remember_sha256(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
-def _write_output_json(path: Path, data: dict) -> None:
+def _write_output_json(path: Path, data: dict) -> str:
     """A sidecar or table of a mask's outputs (not flushed: see :func:`_save_image`)."""
-    write_json(path, data, durable=False)
+    return _save_bytes(json_bytes(data), path)
 
 
 # -------------------------------------------------------------------------- output
@@ -76,7 +78,8 @@ def _write_output_json(path: Path, data: dict) -> None:
 
 @dataclass
 class _PlannedFile:
-    """One output: where it goes and how to write it."""
+    """One output: where it goes and how to write it (``write(path)`` returns the
+    SHA-256 of what is in the file)."""
 
     path: Path
     write: callable
@@ -162,10 +165,10 @@ def _voxel_map_path(result: VoxelMap, analysis: str, names: MaskOutputs) -> Path
     return names.voxel_map(desc, result.suffix, result.space, result.resolution, grid=result.grid)
 
 
-def _write_voxel_map(result: VoxelMap, path: Path) -> None:
+def _write_voxel_map(result: VoxelMap, path: Path) -> str:
     if result.written_to and Path(result.written_to) == path and path.is_file():
-        return  # already on disk with this content
-    _save_bytes(result.file_bytes(path.name), path)
+        return sha256_file(path)  # already on disk with this content (digest remembered)
+    return _save_bytes(result.file_bytes(path.name), path)
 
 
 def _plan_voxel_map(result: VoxelMap, analysis: str, names: MaskOutputs, mask_path: Path) -> list[_PlannedFile]:
@@ -199,7 +202,9 @@ def write_voxel_maps(subject: SubjectData, output_dir: str | Path, analysis_name
     for key, result in subject.results.get(analysis_name, {}).items():
         if isinstance(result, VoxelMap):
             path = root / _voxel_map_path(result, analysis_name, names)
-            _save_bytes(result.file_bytes(path.name), path)
+            data = result.file_bytes(path.name)
+            atomic_write_bytes(path, data, durable=False)
+            remember_sha256(path, data)
             result = dataclasses.replace(result, data=nib.load(path).dataobj, written_to=str(path))
         released[key] = result
     new = copy.copy(subject)
@@ -241,25 +246,19 @@ def _plan_parcel_table(columns: list[ParcelData], path: Path) -> list[_PlannedFi
 def _plan_connectivity(result: ConnectivityMatrix, key: str, analysis: str, names: MaskOutputs) -> list[_PlannedFile]:
     desc = f"{analysis.lower()}{result.measure}".replace("_", "")
     path = names.connectivity(result.parcellation, desc)
-    frame = result.to_frame().reset_index(names="name")
+    table = matrix_columns(result.region_names, result.matrix)
     sidecar = {
         "name": {"Description": "Region name (row); columns are the same regions in order"},
         **{region: {"Description": f"{result.description} with {region}"} for region in result.region_names},
     }
     return [
-        _PlannedFile(path, lambda p: _write_frame(frame, p)),
+        _PlannedFile(path, lambda p: _write_columns(table, p)),
         _PlannedFile(sidecar_of(path), lambda p: _write_output_json(p, sidecar)),
     ]
 
 
-def _write_frame(frame, path: Path) -> None:
-    with atomic_path(path, durable=False) as temporary:
-        write_tsv(frame, temporary)
-
-
-def _write_columns(table: dict[str, list], path: Path) -> None:
-    with atomic_path(path, durable=False) as temporary:
-        write_columns_tsv(temporary, table)
+def _write_columns(table: dict[str, list], path: Path) -> str:
+    return _save_bytes(tsv_bytes(table), path)
 
 
 def provenance_record(subject: SubjectData) -> dict:
@@ -343,13 +342,10 @@ def export_bids_derivatives(
             "pass overwrite=True (--overwrite) to replace them"
         )
     initialise_derivatives(root)
-    for item in planned:
-        item.write(root / item.path)
+    digests = [item.write(root / item.path) for item in planned]
     if selection.provenance:
         record = provenance_record(subject_data)
-        record["outputs"] = [
-            {"path": item.path.as_posix(), "sha256": sha256_file(root / item.path)} for item in planned
-        ]
+        record["outputs"] = [{"path": item.path.as_posix(), "sha256": digest} for item, digest in zip(planned, digests)]
         record["exported"] = utc_now()
         write_json(root / provenance_path, record)
     return root / names.folder.parent

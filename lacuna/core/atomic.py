@@ -7,6 +7,7 @@ the target in one ``os.replace``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -41,8 +42,7 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stem, ext = _split_extension(path.name)
-    temporary = path.with_name(f".{stem}{TEMP_MARKER}{owner_tag()}-{threading.get_ident()}{ext}")
+    temporary = _temporary_for(path)
     try:
         yield temporary
         if durable:
@@ -54,12 +54,33 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
         raise
 
 
+def _temporary_for(path: Path) -> Path:
+    stem, ext = _split_extension(path.name)
+    return path.with_name(f".{stem}{TEMP_MARKER}{owner_tag()}-{threading.get_ident()}{ext}")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never half
-    (``durable``: see :func:`atomic_path`)."""
+    (``durable``: see :func:`atomic_path`). The folder is created only when the first
+    attempt finds it missing: a mask's outputs are thousands of small files, and a
+    ``mkdir`` before each costs two system calls."""
     path = Path(path)
-    with atomic_path(path, durable=durable) as temporary:
-        temporary.write_bytes(data)
+    temporary = _temporary_for(path)
+    try:
+        try:
+            handle = open(temporary, "wb")
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(temporary, "wb")
+        with handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -79,14 +100,15 @@ def _json_safe(value):
     return value
 
 
+def json_bytes(data, indent: int | None = 2) -> bytes:
+    """``data`` as the UTF-8 bytes of a JSON file (NaN and infinities become null)."""
+    return (json.dumps(_json_safe(data), indent=indent or None, sort_keys=False, default=str) + "\n").encode("utf-8")
+
+
 def write_json(path: str | Path, data, indent: int | None = 2, durable: bool = True) -> Path:
     """Write ``data`` as JSON atomically (NaN becomes null; ``durable``: see
     :func:`atomic_path`); returns the path."""
-    path = Path(path)
-    text = json.dumps(_json_safe(data), indent=indent or None, sort_keys=False, default=str)
-    with atomic_path(path, durable=durable) as temporary:
-        temporary.write_text(text + "\n", encoding="utf-8")
-    return path
+    return atomic_write_bytes(path, json_bytes(data, indent), durable=durable)
 
 
 #: Temporaries of another machine (shared file system) older than this are stale.
@@ -94,6 +116,7 @@ FOREIGN_TEMPORARY_AGE_S = 7 * 24 * 3600
 _OWNER = re.compile(re.escape(TEMP_MARKER) + r"(?P<host>[0-9a-f]{8})(?P<pid>\d+)-")
 
 
+@functools.cache
 def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 

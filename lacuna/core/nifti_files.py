@@ -47,8 +47,10 @@ def float_map_bytes(data: np.ndarray, affine: np.ndarray, name: str) -> bytes:
     if data.ndim != 3:
         return image_bytes(float_map_image(data, affine), name)
     header = _header_prefix(data.shape, np.asarray(affine, dtype=float))
-    raw = header + data.tobytes(order="F")
-    return gzip_bytes(raw) if str(name).endswith(".gz") else raw
+    raw = bytearray(len(header) + data.nbytes)  # the voxels copied once, straight after the header
+    raw[: len(header)] = header
+    np.ndarray(data.shape, dtype=np.float32, buffer=raw, offset=len(header), order="F")[...] = data
+    return gzip_bytes(raw) if str(name).endswith(".gz") else bytes(raw)
 
 
 def _header_prefix(shape: tuple[int, ...], affine: np.ndarray) -> bytes:

@@ -183,7 +183,9 @@ class FunctionalConnectome:
             buffer.put(timeseries if prepare is None else (timeseries, prepare(timeseries)))
 
         def read_all() -> None:
-            handed_over = _HandedOver(keep=prefetch + hold + 1, run=max(1, hold // 4))
+            # A subject is added once the queue took it, so the consumer's ``hold`` and the
+            # ``prefetch`` queued are the most recent ``prefetch + hold`` added.
+            handed_over = _HandedOver(keep=prefetch + hold, run=max(1, hold // 4))
             try:
                 for batch in self.files:
                     with h5py.File(batch.path, "r") as handle:

@@ -35,6 +35,7 @@ from lacuna.core.errors import BidsError, ValidationError
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.subject import SubjectData
 from lacuna.core.atomic import remove_stale_temporaries
+from lacuna.core.memory import release_free_heap
 from lacuna.core.process_pool import process_pool
 from lacuna.core.threads import worker_threads
 from lacuna.core.timing import PhaseTimes, Progress
@@ -127,28 +128,32 @@ def build_analyses(config: RunConfig) -> list[Analysis]:
 
 def build_batch_analyses(config: RunConfig) -> list[BatchAnalysis]:
     """Analyses that map all lesions of a group together (one connectome pass, or one
-    tractogram index, each). Imported here: functional mapping loads compiled kernels,
-    which a run without a connectome does not need."""
-    from lacuna.analysis.functional.network_mapping import FunctionalNetworkMapping
-    from lacuna.analysis.structural.network_mapping import StructuralNetworkMapping
+    tractogram index, each). Each family is imported only when asked for: functional
+    mapping loads compiled kernels (half a second), which other runs do not need."""
+    batch: list[BatchAnalysis] = []
+    if config.functional_connectomes:
+        from lacuna.analysis.functional.network_mapping import FunctionalNetworkMapping
 
-    functional: list[BatchAnalysis] = [
-        FunctionalNetworkMapping(
-            connectome, method=config.flnm_method, memory_budget_gb=config.mem_gb, return_in_input_space=False
-        )
-        for connectome in config.functional_connectomes
-    ]
-    structural: list[BatchAnalysis] = [
-        StructuralNetworkMapping(
-            connectome,
-            parcellations=list(config.atlases),
-            atlas_dir=config.atlas_dir,
-            memory_budget_gb=config.mem_gb,
-            return_in_input_space=False,
-        )
-        for connectome in config.tractograms
-    ]
-    return functional + structural
+        batch += [
+            FunctionalNetworkMapping(
+                connectome, method=config.flnm_method, memory_budget_gb=config.mem_gb, return_in_input_space=False
+            )
+            for connectome in config.functional_connectomes
+        ]
+    if config.tractograms:
+        from lacuna.analysis.structural.network_mapping import StructuralNetworkMapping
+
+        batch += [
+            StructuralNetworkMapping(
+                connectome,
+                parcellations=list(config.atlases),
+                atlas_dir=config.atlas_dir,
+                memory_budget_gb=config.mem_gb,
+                return_in_input_space=False,
+            )
+            for connectome in config.tractograms
+        ]
+    return batch
 
 
 def follow_up_analyses(config: RunConfig, analysis: BatchAnalysis) -> list[Analysis]:
@@ -369,6 +374,7 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
                     record(item)
                 else:
                     subjects.append(item)
+            release_free_heap()  # before the pass maps its subjects (see its docs)
             for position, analysis in enumerate(batch):
                 last = position == len(batch) - 1
                 kept = []
