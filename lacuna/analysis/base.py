@@ -56,6 +56,11 @@ class Analysis(ABC):
     def compute(self, subject: SubjectData, step: ProvenanceStep) -> dict[str, Result]:
         """Compute results for one subject; may add notes to ``step``."""
 
+    def warm_up(self) -> None:
+        """Read ahead what every subject needs (atlases, operators), so that the first
+        subject does not wait for it. Optional; safe on a background thread. The
+        default does nothing."""
+
     def step_factory(self):
         """A maker of provenance steps for many subjects: parameters and input files
         (hashes) are gathered once, each step gets its own copies."""

@@ -102,7 +102,11 @@ def _json_safe(value):
 
 def json_bytes(data, indent: int | None = 2) -> bytes:
     """``data`` as the UTF-8 bytes of a JSON file (NaN and infinities become null)."""
-    return (json.dumps(_json_safe(data), indent=indent or None, sort_keys=False, default=str) + "\n").encode("utf-8")
+    try:  # most data has no NaN: encode it without walking it first
+        text = json.dumps(data, indent=indent or None, allow_nan=False, default=str)
+    except ValueError:
+        text = json.dumps(_json_safe(data), indent=indent or None, default=str)
+    return (text + "\n").encode("utf-8")
 
 
 def write_json(path: str | Path, data, indent: int | None = 2, durable: bool = True) -> Path:

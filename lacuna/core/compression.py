@@ -20,8 +20,9 @@ except ImportError:  # pragma: no cover - depends on the installation
 LEVEL = 1
 
 
-def gzip_bytes(data: bytes) -> bytes:
-    """``data`` as one gzip member (ISA-L when installed, else zlib)."""
+def gzip_bytes(data) -> bytes:
+    """``data`` (any bytes-like object) as one gzip member (ISA-L when installed, else
+    zlib)."""
     if _fast_gzip is not None:
         return _fast_gzip.compress(data, compresslevel=LEVEL, mtime=0)
     return gzip.compress(data, compresslevel=LEVEL, mtime=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -43,10 +44,18 @@ class Grid:
         """Short human-readable description: shape, signed voxel axes (the affine's
         diagonal, or its columns when the grid is rotated or its axes are permuted) and
         origin, so that grids differing only in an axis direction read differently."""
-        linear = self.affine[:3, :3]
-        if np.allclose(linear, np.diag(np.diag(linear)), atol=AFFINE_TOLERANCE_MM):
-            axes = "(" + ", ".join(f"{v:g}" for v in np.diag(linear)) + ") mm"
-        else:
-            axes = " ".join("(" + ", ".join(f"{v:.4g}" for v in column) + ")" for column in linear.T) + " mm"
-        origin = ", ".join(f"{o:g}" for o in self.affine[:3, 3])
-        return f"shape {self.shape}, voxel axes {axes}, origin ({origin})"
+        affine = np.asarray(self.affine, dtype=float)
+        return _description(tuple(self.shape), affine.shape, affine.tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _description(shape: tuple[int, ...], affine_shape: tuple[int, ...], affine_bytes: bytes) -> str:
+    """:meth:`Grid.describe`, kept for the few grids a run describes thousands of times."""
+    affine = np.frombuffer(affine_bytes, dtype=float).reshape(affine_shape)
+    linear = affine[:3, :3]
+    if np.allclose(linear, np.diag(np.diag(linear)), atol=AFFINE_TOLERANCE_MM):
+        axes = "(" + ", ".join(f"{v:g}" for v in np.diag(linear)) + ") mm"
+    else:
+        axes = " ".join("(" + ", ".join(f"{v:.4g}" for v in column) + ")" for column in linear.T) + " mm"
+    origin = ", ".join(f"{o:g}" for o in affine[:3, 3])
+    return f"shape {shape}, voxel axes {axes}, origin ({origin})"

@@ -47,10 +47,11 @@ def float_map_bytes(data: np.ndarray, affine: np.ndarray, name: str) -> bytes:
     if data.ndim != 3:
         return image_bytes(float_map_image(data, affine), name)
     header = _header_prefix(data.shape, np.asarray(affine, dtype=float))
-    raw = bytearray(len(header) + data.nbytes)  # the voxels copied once, straight after the header
-    raw[: len(header)] = header
+    # The voxels copied once, straight after the header (into memory not zeroed first).
+    raw = np.empty(len(header) + data.nbytes, dtype=np.uint8)
+    raw[: len(header)] = np.frombuffer(header, dtype=np.uint8)
     np.ndarray(data.shape, dtype=np.float32, buffer=raw, offset=len(header), order="F")[...] = data
-    return gzip_bytes(raw) if str(name).endswith(".gz") else bytes(raw)
+    return gzip_bytes(raw) if str(name).endswith(".gz") else raw.tobytes()
 
 
 def _header_prefix(shape: tuple[int, ...], affine: np.ndarray) -> bytes:

@@ -63,3 +63,15 @@ def configure_threads(nprocs: int, nthreads: int | None = None, omp_nthreads: in
         for variable in ("LACUNA_NUM_THREADS", *LIBRARY_THREAD_VARIABLES):
             os.environ[variable] = str(per_process)
     return worker_threads()
+
+
+def single_threaded_libraries():
+    """Limit the thread pools of the numerical libraries loaded so far (BLAS, OpenMP)
+    to one thread each; usable as a context manager, which restores them on exit.
+
+    For work that Lacuna parallelises itself: the libraries' pools would compete with
+    its threads, and OpenBLAS's threads spin for a while after each call they share.
+    """
+    import threadpoolctl
+
+    return threadpoolctl.threadpool_limits(limits=1)

@@ -21,8 +21,6 @@ from lacuna.core.datadir import find_data_file, get_data_dir
 from lacuna.core.errors import DownloadError, SpaceError
 from lacuna.core.locks import file_lock
 from lacuna.core.spaces import canonical_space
-from lacuna.net.download import SMALL_FILE_BACKOFF, SMALL_FILE_RETRIES, download_file
-from lacuna.net.http import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +51,10 @@ def transform_path(source: str, target: str) -> Path:
     found = find_data_file(relative) or _in_templateflow_home(target, name)
     if found is not None:
         return found
+    # The HTTP stack (requests, 60 ms to import) loads only when something is downloaded.
+    from lacuna.net.download import SMALL_FILE_BACKOFF, SMALL_FILE_RETRIES, download_file
+    from lacuna.net.http import redact_url
+
     path = get_data_dir() / relative
     url = f"{settings.templateflow_url()}/tpl-{target}/{name}"
     path.parent.mkdir(parents=True, exist_ok=True)

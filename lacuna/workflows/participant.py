@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from lacuna.analysis.base import Analysis, BatchAnalysis, voxel_maps_to_subject
 from lacuna.analysis.regional.aggregation import ParcelAggregation
 from lacuna.analysis.regional.damage import RegionalDamage
@@ -32,12 +34,13 @@ from lacuna.workflows.mask_selection import (
     source_of,
 )
 from lacuna.core.errors import BidsError, ValidationError
+from lacuna.core.grid import Grid
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.subject import SubjectData
 from lacuna.core.atomic import remove_stale_temporaries
 from lacuna.core.memory import release_free_heap
 from lacuna.core.process_pool import process_pool
-from lacuna.core.threads import worker_threads
+from lacuna.core.threads import single_threaded_libraries, worker_threads
 from lacuna.core.timing import PhaseTimes, Progress
 from lacuna.bids.dataset import initialise_derivatives
 from lacuna.bids.derivatives import export_bids_derivatives, outputs_complete, write_voxel_maps
@@ -271,6 +274,7 @@ def _init_worker(config: RunConfig, log_level: int, fingerprint: dict) -> None:
     _die_with_parent()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     _WORKER.update(config=config, analyses=build_analyses(config), fingerprint=fingerprint)
+    _WORKER["library_threads"] = single_threaded_libraries()  # held for the worker's life
 
 
 def _worker_process(path: Path) -> MaskOutcome:
@@ -290,36 +294,86 @@ def run_participant(config: RunConfig) -> ParticipantSummary:
         If the dataset is unusable or no mask is selected.
     """
     times = PhaseTimes()
-    with times.phase("dataset, atlases and connectomes"):
-        check_bids_dataset(config.bids_dir, config.output_dir)
-        sources = mask_sources(config)
-        if not config.skip_bids_validation:
-            report_bids_validation(config.bids_dir, {p for p in (config.output_dir, config.work_dir) if p})
-        masks = select_masks(config, sources)
-        log.info("selected %d mask(s)", len(masks))
-        for folder in (config.output_dir, config.work_dir):
-            if folder:
-                check_writable_folder(folder)
-        analyses = build_analyses(config)  # resolves (and downloads) atlases once, up front
-        batch = build_batch_analyses(config)
-        fingerprint = run_fingerprint(config, analyses + batch)
-        initialise_derivatives(
-            config.output_dir, source_dir=config.bids_dir, linked={s.link: s.root for s in sources[1:]}
-        )
-        write_citation(config.output_dir, analyses + batch)
-    summary = ParticipantSummary()
-    masks, duplicates = _split_duplicate_outputs(masks)
-    summary.outcomes.extend(duplicates)
-    with _mask_pool(config, len(masks), fingerprint) as pool:
-        if batch:
-            _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times)
-        else:
-            _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times)
+    with _WarmUp() as warm_up:
+        with times.phase("dataset, atlases and connectomes"):
+            check_bids_dataset(config.bids_dir, config.output_dir)
+            sources = mask_sources(config)
+            if not config.skip_bids_validation:
+                report_bids_validation(config.bids_dir, {p for p in (config.output_dir, config.work_dir) if p})
+            masks = select_masks(config, sources)
+            log.info("selected %d mask(s)", len(masks))
+            for folder in (config.output_dir, config.work_dir):
+                if folder:
+                    check_writable_folder(folder)
+            analyses = build_analyses(config)  # resolves (and downloads) atlases once, up front
+            warm_up.analyses(analyses)
+            batch = build_batch_analyses(config)
+            warm_up.follow_ups(config, batch)
+            fingerprint = run_fingerprint(config, analyses + batch)
+            initialise_derivatives(
+                config.output_dir, source_dir=config.bids_dir, linked={s.link: s.root for s in sources[1:]}
+            )
+            write_citation(config.output_dir, analyses + batch)
+        summary = ParticipantSummary()
+        masks, duplicates = _split_duplicate_outputs(masks)
+        summary.outcomes.extend(duplicates)
+        # Lacuna parallelises the work itself; the libraries' own thread pools would
+        # only compete with its threads (and OpenBLAS's spin for a while after each call).
+        with single_threaded_libraries(), _mask_pool(config, len(masks), fingerprint) as pool:
+            if batch:
+                _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times)
+            else:
+                _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times)
     summary.outcomes.sort(key=lambda o: str(o.path))
     _record_outcomes(config, sources, summary.outcomes)
     log.debug("where the time went (phases on background threads overlap the others):")
     times.log(log)
     return summary
+
+
+class _WarmUp:
+    """Reads atlases and builds parcel operators on a background thread while the main
+    thread goes on with the dataset and the first masks (decompression, numpy and
+    scipy release the GIL). A failure here is only logged: the analysis that needs the
+    item raises it later, with its context."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lacuna-warm-up")
+
+    def __enter__(self) -> "_WarmUp":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def analyses(self, analyses: list[Analysis]) -> None:
+        """Queue each analysis' :meth:`~lacuna.analysis.base.Analysis.warm_up`."""
+        for analysis in analyses:
+            self._pool.submit(self._quietly, analysis.warm_up)
+
+    def follow_ups(self, config: RunConfig, batch: list[BatchAnalysis]) -> None:
+        """Queue the parcel operators of the batch analyses' follow-up aggregations."""
+        for analysis in batch:
+            grid, space = _map_grid(analysis)
+            if grid is None:
+                continue
+            for follow_up in follow_up_analyses(config, analysis)[:1]:  # the maps share one grid
+                self._pool.submit(self._quietly, follow_up.warm_up_for, grid, space)
+
+    @staticmethod
+    def _quietly(function, *args) -> None:
+        try:
+            function(*args)
+        except Exception as exc:  # raised again, with context, where the item is needed
+            log.debug("reading ahead (%s) failed: %s", getattr(function, "__qualname__", function), exc)
+
+
+def _map_grid(analysis: BatchAnalysis) -> tuple[Grid | None, str | None]:
+    """The grid and space of the maps a batch analysis writes, where known up front."""
+    connectome = getattr(analysis, "connectome", None)
+    if analysis.name != "FunctionalNetworkMapping" or connectome is None:
+        return None, None
+    return Grid(tuple(int(n) for n in connectome.mask_shape), np.asarray(connectome.mask_affine, dtype=float)), connectome.space
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from lacuna.analysis.regional.parcel_operator import parcel_operator
 from lacuna.core.entities import alphanumeric
 from lacuna.resources.parcellations import Parcellation, ParcellationImage, get_parcellation
 from lacuna.core.errors import AnalysisError
+from lacuna.core.grid import Grid
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.results import ParcelData, Result, VoxelMap
 from lacuna.core.spaces import canonical_space, trilinear_note
@@ -121,6 +122,18 @@ class ParcelAggregation(Analysis):
             return f"Percentage of parcel voxels where the {what} is above {self.threshold:g}"
         return f"{self.method.capitalize()} of the {what} over the parcel's voxels"
 
+    def warm_up(self) -> None:
+        for parcellation in self.parcellations:
+            parcellation.load()
+
+    def warm_up_for(self, grid: Grid, space: str) -> None:
+        """:meth:`warm_up`, and build the sparse operators for source maps on ``grid``
+        in ``space`` (what the first subject would otherwise wait for)."""
+        for parcellation in self.parcellations:
+            image = parcellation.load()
+            if self.source != "mask" and _operator_applies(grid, space, image, parcellation.space):
+                parcel_operator(grid, image)
+
     def _by_operator(
         self, subject: SubjectData, image: ParcellationImage, space: str, step: ProvenanceStep
     ) -> np.ndarray | None:
@@ -130,7 +143,7 @@ class ParcelAggregation(Analysis):
         if self.source == "mask":
             return None
         voxel_map = _find_voxel_map(subject, self.source)
-        if canonical_space(voxel_map.space) != canonical_space(space) or voxel_map.grid.matches(image.grid):
+        if not _operator_applies(voxel_map.grid, voxel_map.space, image, space):
             return None
         values = np.asarray(voxel_map.data)
         if not np.isfinite(values).all():
@@ -151,6 +164,12 @@ class ParcelAggregation(Analysis):
         moved, notes = map_to_space(source_img, voxel_map.space, space, grid=image.grid)
         record_move(step, [f"{self.source} onto the {image.name} grid: {n}" for n in notes], canonical_space(voxel_map.space), canonical_space(space))
         return np.asanyarray(moved.dataobj, dtype=np.float64)
+
+
+def _operator_applies(grid: Grid, space: str, image: ParcellationImage, image_space: str) -> bool:
+    """Whether a map on ``grid`` in ``space`` is summarised by a parcel operator: same
+    space as the parcellation, another grid."""
+    return canonical_space(space) == canonical_space(image_space) and not grid.matches(image.grid)
 
 
 def _find_voxel_map(subject: SubjectData, source: str) -> VoxelMap:

@@ -98,6 +98,10 @@ class RegionalDamage(Analysis):
             )
         return results
 
+    def warm_up(self) -> None:
+        for parcellation in self.parcellations:
+            self._sizes(parcellation.load())
+
     def _sizes(self, image: ParcellationImage) -> np.ndarray:
         """Parcel sizes in voxels (probability-weighted for 4-D atlases), cached."""
         if image.name not in self._parcel_sizes:

@@ -22,6 +22,8 @@ of :class:`~lacuna.analysis.ParcelAggregation`, for maps without non-finite valu
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from scipy import sparse
 
@@ -162,15 +164,18 @@ def _region_max(membership: sparse.csr_matrix, values: np.ndarray) -> np.ndarray
 
 _CACHE: dict[tuple, tuple[ParcellationImage, ParcelOperator]] = {}
 _CACHE_SIZE = 8
+# Held while an operator is built: a thread asking for it meanwhile waits for it.
+_BUILDING = threading.Lock()
 
 
 def parcel_operator(source: Grid, image: ParcellationImage) -> ParcelOperator:
     """The operator of a (source grid, parcellation) pair, built once per process (the
-    few most recent pairs are kept)."""
+    few most recent pairs are kept; safe to call from several threads)."""
     key = (source.shape, source.affine.tobytes(), id(image))
-    cached = _CACHE.get(key)
-    if cached is None or cached[0] is not image:
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        cached = _CACHE[key] = (image, ParcelOperator(source, image))
-    return cached[1]
+    with _BUILDING:
+        cached = _CACHE.get(key)
+        if cached is None or cached[0] is not image:
+            if len(_CACHE) >= _CACHE_SIZE:
+                _CACHE.pop(next(iter(_CACHE)))
+            cached = _CACHE[key] = (image, ParcelOperator(source, image))
+        return cached[1]

@@ -16,8 +16,6 @@ from lacuna.core import settings
 from lacuna.core.datadir import data_search_dirs, get_data_dir
 from lacuna.core.errors import DownloadError, ParcellationError
 from lacuna.core.locks import file_lock
-from lacuna.net.download import SMALL_FILE_BACKOFF, SMALL_FILE_RETRIES, download_file
-from lacuna.net.http import redact_url
 from lacuna.resources.parcellations.catalogue import CatalogueEntry
 from lacuna.resources.parcellations.folders import LABEL_EXTENSIONS
 from lacuna.resources.parcellations.images import read_parcellation
@@ -67,6 +65,9 @@ def fetch_parcellation(entry: CatalogueEntry) -> Parcellation:
     cached = cached_catalogue(entry)
     if cached is not None:
         return cached
+    # The HTTP stack (requests, 60 ms to import) loads only when something is downloaded.
+    from lacuna.net.http import redact_url
+
     folder = atlas_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     with file_lock(get_data_dir() / ".atlas-download.lock"):
@@ -105,6 +106,8 @@ def _sources(entry: CatalogueEntry) -> tuple[str, str, str]:
 
 
 def _download(entry: CatalogueEntry, url: str, dest: Path) -> None:
+    from lacuna.net.download import SMALL_FILE_BACKOFF, SMALL_FILE_RETRIES, download_file
+
     try:
         download_file(url, dest, retries=SMALL_FILE_RETRIES, backoff=SMALL_FILE_BACKOFF)
     except DownloadError as exc:
@@ -128,6 +131,8 @@ def _ensure_gzip(path: Path) -> None:
 
 
 def _validate_download(entry: CatalogueEntry, image: Path, labels: Path, url: str) -> None:
+    from lacuna.net.http import redact_url
+
     try:
         read_parcellation(entry.name, image, labels)
     except ParcellationError as exc:

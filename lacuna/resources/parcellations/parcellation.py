@@ -4,12 +4,17 @@ and the instances shared between look-ups."""
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lacuna.resources.parcellations.images import ParcellationImage, read_parcellation
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9]+(_[A-Za-z0-9]+)?$")
+
+# One image is read at a time: a thread that asks for an image another thread is
+# reading waits for it instead of reading it a second time.
+_LOADING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -63,14 +68,16 @@ class Parcellation:
         return parts[1] if len(parts) > 1 else None
 
     def load(self) -> ParcellationImage:
-        """Read image and labels; cached until either file changes on disk."""
+        """Read image and labels; cached until either file changes on disk (safe to
+        call from several threads)."""
         key = (file_stamp(self.image_path), file_stamp(self.labels_path))
-        cached = self._cache.get("image")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        image = read_parcellation(self.name, self.image_path, self.labels_path)
-        self._cache["image"] = (key, image)
-        return image
+        with _LOADING:
+            cached = self._cache.get("image")
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            image = read_parcellation(self.name, self.image_path, self.labels_path)
+            self._cache["image"] = (key, image)
+            return image
 
 
 @dataclass(frozen=True)
