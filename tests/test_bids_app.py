@@ -1074,3 +1074,46 @@ def test_version_and_help_start_without_the_numerical_stack():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_participant_level_holds_the_numerical_libraries_to_one_thread(tmp_path, monkeypatch):
+    """Lacuna parallelises the work itself: while it runs, BLAS must not start its own
+    threads beside Lacuna's (and the limit is lifted again afterwards)."""
+    import threadpoolctl
+
+    from lacuna.analysis.regional.damage import RegionalDamage
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"}
+
+    seen = []
+    compute = RegionalDamage.compute
+
+    def recording(self, subject, step):
+        seen.append(blas_threads())
+        return compute(self, subject, step)
+
+    monkeypatch.setattr(RegionalDamage, "compute", recording)
+    bids = write_bids_dataset(tmp_path / "bids", {mask_name("01"): (ball_1mm(0), AFFINE_1MM)})
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        result = participant(bids, tmp_path / "out")
+        after = blas_threads()
+    assert result.exit_code == 0, result.output
+    assert seen == [{1}]
+    assert after == before == {2}
+
+
+def test_the_console_entry_point_spares_the_last_garbage_collection(monkeypatch):
+    """The process ends after the command: the interpreter's final collection need not
+    walk the numerical libraries' objects (``gc.freeze`` before exit), also on errors."""
+    import gc
+
+    from lacuna.cli import main as cli_main
+
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    for argv in (["--version"], ["no-such-folder", "out", "participant"]):
+        with pytest.raises(SystemExit):
+            cli_main.main(argv)
+    assert frozen == [True, True]

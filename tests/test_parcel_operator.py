@@ -129,3 +129,44 @@ def test_a_map_with_nan_takes_the_resampling_path(shared_atlases):
     analysis = ParcelAggregation("Fake.t", ["Schaefer2018_100Parcels7Networks"], method="mean", atlas_dir=shared_atlases)
     (table,) = analysis.run(subject).results["ParcelAggregation"].values()
     assert np.isfinite(table.values).all()  # non-finite voxels are ignored, as documented
+
+
+def test_warm_up_builds_the_operator_the_first_map_then_uses(shared_atlases, monkeypatch):
+    from lacuna.analysis.regional import parcel_operator as operators
+
+    grid = standard_grid(SIX, 2)
+    analysis = ParcelAggregation("Fake.t", ["Schaefer2018_100Parcels7Networks"], method="mean", atlas_dir=shared_atlases)
+    operators._CACHE.clear()
+    analysis.warm_up_for(grid, SIX)
+    assert len(operators._CACHE) == 1
+    built = []
+    monkeypatch.setattr(operators, "ParcelOperator", lambda *args: built.append(args))
+    subject = _subject_with_map(np.random.default_rng(6).standard_normal(grid.shape), grid)
+    analysis.run(subject)
+    assert built == []  # the first map found its operator ready
+
+
+def test_an_operator_asked_for_by_two_threads_at_once_is_built_once(monkeypatch):
+    import threading
+    import time
+
+    from lacuna.analysis.regional import parcel_operator as operators
+
+    image = _label_image(TARGET, seed=3)
+    real = operators.ParcelOperator
+    built = []
+
+    def slow_build(source, target_image):
+        built.append(source)
+        time.sleep(0.2)  # long enough for the other thread to ask meanwhile
+        return real(source, target_image)
+
+    monkeypatch.setattr(operators, "ParcelOperator", slow_build)
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(parcel_operator(SOURCE, image))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(built) == 1
+    assert found[0] is found[1]

@@ -7,6 +7,7 @@ the API.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -561,7 +562,12 @@ connectomes.add_command(connectomes_status, "status")
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
-    cli.main(args=args, prog_name="lacuna")
+    try:
+        cli.main(args=args, prog_name="lacuna")
+    finally:
+        # The process ends now: spare the interpreter's last garbage collection the
+        # hundreds of thousands of objects the numerical libraries leave (0.1-0.2 s).
+        gc.freeze()
 
 
 if __name__ == "__main__":
