@@ -17,12 +17,17 @@ Usage::
     python benchmarks/bids_app.py                      # S=30, T=120, L=100
     python benchmarks/bids_app.py --lesions 100 1000 --workdir /tmp/bench
     python benchmarks/bids_app.py --structural         # also 20 lesions, 200k streamlines
+    python benchmarks/bids_app.py --outputs /dev/shm   # outputs on a tmpfs (see below)
 
 Every run writes into a new, empty output folder (as a user's first run does), so it
-computes everything; the folders are removed when the benchmark ends. (Not before each
-run: after thousands of files are deleted, ext4 creates files more slowly for a minute
-or more, which made a run 1 s slower here.) The connectome is read once before the
-runs, so that it is in the page cache. Memory is in GiB (2**30 bytes).
+computes everything; the folders (under ``--outputs``, default the work folder) are
+removed when the benchmark ends. After thousands of files are deleted, ext4 creates new
+files in the same block group more slowly for up to five minutes (its inode allocator
+skips recently freed inodes): an L=100 run right after an earlier benchmark's clean-up
+took 0.7-1 s longer here. For repeated measurements put ``--outputs`` on a tmpfs
+(``/dev/shm``), where runs take what a first run on a fresh ext4 folder takes. The
+connectome is read once before the runs, so that it is in the page cache. Memory is in
+GiB (2**30 bytes).
 """
 
 from __future__ import annotations
@@ -159,10 +164,10 @@ def phases(log: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"time: ([^:\n]+): ([0-9.]+) s", log)}
 
 
-def new_output_folder(workdir: Path, label: str) -> Path:
-    """A path for a run's outputs that no run used before (created by the run)."""
-    runs = workdir / "runs"
-    runs.mkdir(exist_ok=True)
+def new_output_folder(runs: Path, label: str) -> Path:
+    """A path under ``runs`` for a run's outputs that no run used before (created by
+    the run)."""
+    runs.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f"out_{label}_", dir=runs)) / "derivatives"
 
 
@@ -182,7 +187,7 @@ def report(label: str, seconds: float, memory: Memory, log: str) -> None:
         print(f"    end to end - connectome pass: {seconds - breakdown['connectome pass']:.1f} s")
 
 
-def run_functional(workdir: Path, lacuna: str, subjects: int, timepoints: int, lesions: int, atlas: str) -> None:
+def run_functional(workdir: Path, runs: Path, lacuna: str, subjects: int, timepoints: int, lesions: int, atlas: str) -> None:
     connectome = workdir / f"connectome_S{subjects}_T{timepoints}"
     if not connectome.is_dir():
         start = time.perf_counter()
@@ -194,14 +199,14 @@ def run_functional(workdir: Path, lacuna: str, subjects: int, timepoints: int, l
     bids = workdir / f"bids_L{lesions}"
     if not bids.is_dir():
         build_dataset(bids, lesions)
-    out = new_output_folder(workdir, f"L{lesions}")
+    out = new_output_folder(runs, f"L{lesions}")
     command = [lacuna, str(bids), str(out), "participant", "--functional-connectome", str(connectome),
                "--atlas-dir", str(ATLASES), "--atlas", atlas, "--skip-bids-validation", "-v"]
     seconds, memory, log = timed(command)
     report(f"L={lesions}, S={subjects}, T={timepoints}", seconds, memory, log)
 
 
-def run_structural(workdir: Path, lacuna: str, lesions: int, streamlines: int, atlas: str) -> None:
+def run_structural(workdir: Path, runs: Path, lacuna: str, lesions: int, streamlines: int, atlas: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from slnm import write_tractogram
 
@@ -217,12 +222,12 @@ def run_structural(workdir: Path, lacuna: str, lesions: int, streamlines: int, a
         return [lacuna, str(bids), str(out), "participant", "--tractogram", str(tck),
                 "--atlas-dir", str(ATLASES), "--atlas", atlas, "--skip-bids-validation", "-v"]
 
-    timed(command(new_output_folder(workdir, f"structural_L{lesions}_index")))  # builds the index once
-    seconds, memory, log = timed(command(new_output_folder(workdir, f"structural_L{lesions}")))
+    timed(command(new_output_folder(runs, f"structural_L{lesions}_index")))  # builds the index once
+    seconds, memory, log = timed(command(new_output_folder(runs, f"structural_L{lesions}")))
     report(f"structural, L={lesions}, {streamlines} streamlines, warm index", seconds, memory, log)
 
 
-def run_fixed_cost(workdir: Path, lacuna: str, atlas: str) -> None:
+def run_fixed_cost(workdir: Path, runs: Path, lacuna: str, atlas: str) -> None:
     seconds, _, _ = timed([lacuna, "--version"])
     print(f"lacuna --version: {seconds:.2f} s")
     seconds, _, _ = timed([lacuna, "--help"])
@@ -230,7 +235,7 @@ def run_fixed_cost(workdir: Path, lacuna: str, atlas: str) -> None:
     bids = workdir / "bids_L1"
     if not bids.is_dir():
         build_dataset(bids, 1)
-    out = new_output_folder(workdir, "L1_regional")
+    out = new_output_folder(runs, "L1_regional")
     seconds, memory, log = timed([lacuna, str(bids), str(out), "participant", "--atlas-dir", str(ATLASES),
                                "--atlas", atlas, "--skip-bids-validation", "-v"])
     report("fixed cost: one mask, regional damage only", seconds, memory, log)
@@ -246,10 +251,12 @@ def main() -> None:
     parser.add_argument("--streamlines", type=int, default=200_000)
     parser.add_argument("--no-functional", action="store_true")
     parser.add_argument("--workdir", type=Path, help="where to keep the synthetic data (reused)")
+    parser.add_argument("--outputs", type=Path, help="where the runs write (default: WORKDIR/runs)")
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lacuna-bids-app-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    runs = Path(tempfile.mkdtemp(prefix="lacuna-bench-runs-", dir=args.outputs)) if args.outputs else workdir / "runs"
     lacuna = lacuna_command()
     # A wheel install compiles the package's bytecode once; an editable checkout under
     # PYTHONDONTWRITEBYTECODE would compile it at every run (0.3-0.5 s) instead.
@@ -258,14 +265,14 @@ def main() -> None:
     coretype = os.environ.get("OPENBLAS_CORETYPE")
     print(f"{os.cpu_count()} CPUs; OpenBLAS kernels {kernels or 'n/a'}" + (f" (OPENBLAS_CORETYPE={coretype})" if coretype else "") + f"; data in {workdir}")
     try:
-        run_fixed_cost(workdir, lacuna, args.atlas)
+        run_fixed_cost(workdir, runs, lacuna, args.atlas)
         if not args.no_functional:
             for lesions in args.lesions:
-                run_functional(workdir, lacuna, args.subjects, args.timepoints, lesions, args.atlas)
+                run_functional(workdir, runs, lacuna, args.subjects, args.timepoints, lesions, args.atlas)
         if args.structural:
-            run_structural(workdir, lacuna, 20, args.streamlines, args.atlas)
+            run_structural(workdir, runs, lacuna, 20, args.streamlines, args.atlas)
     finally:
-        shutil.rmtree(workdir / "runs", ignore_errors=True)
+        shutil.rmtree(runs, ignore_errors=True)
 
 
 if __name__ == "__main__":
