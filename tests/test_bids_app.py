@@ -1117,3 +1117,22 @@ def test_the_console_entry_point_spares_the_last_garbage_collection(monkeypatch)
         with pytest.raises(SystemExit):
             cli_main.main(argv)
     assert frozen == [True, True]
+
+
+def test_an_atlas_that_cannot_be_read_ahead_fails_each_mask_with_its_name(tmp_path):
+    """The read-ahead thread meets the broken atlas first; it only logs, and each mask
+    then fails with the message that names the file and the fix."""
+    atlases = tmp_path / "atlases"
+    atlases.mkdir()
+    stem = "tpl-MNI152NLin6Asym_res-01_atlas-Schaefer2018_desc-100Parcels7Networks_dseg"
+    shutil.copy(Path(ATLAS_ROOT) / f"{stem}.txt", atlases)
+    (atlases / f"{stem}.nii.gz").write_bytes((Path(ATLAS_ROOT) / f"{stem}.nii.gz").read_bytes()[:20000])
+    bids = write_bids_dataset(tmp_path / "bids", {mask_name("01"): (ball_1mm(0), AFFINE_1MM), mask_name("02"): (ball_1mm(1), AFFINE_1MM)})
+
+    result = lacuna(bids, tmp_path / "out", "participant", "--atlas-dir", atlases, "--atlas", ATLAS, "-v")
+
+    assert result.exit_code == 1, result.output
+    assert counts(result) == (2, 0, 0, 2)
+    failed = [line for line in result.stdout.splitlines() if "FAILED" in line]
+    assert len(failed) == 2 and all(f"{stem}.nii.gz" in line and "truncated or corrupt" in line for line in failed), failed
+    assert "reading ahead (RegionalDamage.warm_up) failed" in result.output
