@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from lacuna.core.grid import Grid
-from lacuna.core.interpolation import axis_maps, separable_coverage, separable_trilinear, trilinear_taps
+from lacuna.core.interpolation import axis_maps, nonzero_box, separable_coverage, separable_trilinear, trilinear_taps
 from lacuna.core.spaces import coverage_fraction, standard_grid
 
 
@@ -159,3 +159,21 @@ def test_a_nan_reaches_only_its_neighbours():
     reference = _scipy_trilinear(data, source, target)
     np.testing.assert_array_equal(np.isnan(moved), np.isnan(reference))
     assert 0 < np.isnan(moved).sum() <= 4**3  # scipy includes taps of weight 0
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.float32])
+def test_nonzero_box_is_the_bounding_box_of_the_nonzero_voxels(dtype):
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        mask = np.zeros((23, 17, 19), dtype=dtype)
+        count = int(rng.integers(1, 6))
+        ijk = [rng.integers(0, n, size=count) for n in mask.shape]
+        mask[tuple(ijk)] = 1
+        found = np.nonzero(mask)
+        expected = tuple(slice(int(axis.min()), int(axis.max()) + 1) for axis in found)
+        assert nonzero_box(mask) == expected
+        assert nonzero_box(np.asfortranarray(mask)) == expected
+    corners = np.zeros((4, 5, 6), dtype=dtype)
+    corners[0, 0, 0] = corners[-1, -1, -1] = 1
+    assert nonzero_box(corners) == (slice(0, 4), slice(0, 5), slice(0, 6))
+    assert nonzero_box(np.zeros((4, 5, 6), dtype=dtype)) is None

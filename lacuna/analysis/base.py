@@ -19,7 +19,7 @@ import numpy as np
 from lacuna.core.errors import AnalysisError, SpaceError
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.results import Result, VoxelMap
-from lacuna.core.interpolation import axis_maps, coverage_box, splatted_coverage_box
+from lacuna.core.interpolation import axis_maps, coverage_box, nonzero_box, splatted_coverage_box
 from lacuna.core.spaces import HALF_COVERAGE, Grid, canonical_space, coverage_note, standard_grid
 from lacuna.resources.transforms import map_to_space, mask_to_space
 from lacuna.core.subject import SubjectData
@@ -171,7 +171,14 @@ def mask_coverage_box(
     ``(slices of target, coverage fractions there)``. Between axis-aligned grids of one
     space the cost follows the lesion's size, not the target grid's; the numbers are
     those of :func:`mask_on_grid`."""
-    if canonical_space(target_space) == subject.space and not target.matches(subject.grid):
+    same_space = canonical_space(target_space) == subject.space
+    if same_space and target.matches(subject.grid):
+        mask = subject.mask
+        box = nonzero_box(mask)
+        if box is None:
+            return (slice(0, 0),) * 3, np.zeros((0, 0, 0), dtype=np.float32)
+        return box, mask[box].astype(np.float32)
+    if same_space:
         maps = axis_maps(subject.grid, target)
         if maps is not None:
             box, values = coverage_box(subject.mask, subject.grid, target, maps)

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from lacuna.analysis.functional import kernels as kernels
-from lacuna.analysis.base import BatchAnalysis, mask_on_grid, voxel_maps_to_subject
+from lacuna.analysis.base import BatchAnalysis, mask_coverage_box, voxel_maps_to_subject
 from lacuna.analysis.compiled_primitives import avx2_blas_on_avx512_cpu
 from lacuna.core.memory import available_memory_bytes, default_memory_budget
 from lacuna.analysis.functional.engine import (
@@ -205,7 +205,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
             yield from self._map_chunk(chunk)
 
     def _prepare(self, index: int, subject: SubjectData, lookup: np.ndarray, step: ProvenanceStep) -> PreparedLesion:
-        coverage = mask_on_grid(subject, self.connectome.grid, self.connectome.space, step)
+        box, coverage = mask_coverage_box(subject, self.connectome.grid, self.connectome.space, step)
         lesion = coverage >= HALF_COVERAGE
         n_lesion = int(lesion.sum())
         if n_lesion == 0:
@@ -213,7 +213,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
                 f"{_who(subject)}: the lesion covers no voxel of the {self.connectome.name} grid "
                 "by half or more (it is smaller than one connectome voxel)"
             )
-        columns = lookup[lesion]
+        columns = lookup[box][lesion]
         columns = np.sort(columns[columns >= 0])
         if columns.size == 0:
             raise AnalysisError(
