@@ -428,6 +428,10 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
                     record(item)
                 else:
                     subjects.append(item)
+            # The last masks of the previous group are written meanwhile (a few tens of
+            # milliseconds): their maps are freed before the pass maps its subjects.
+            for outcome in finisher.drain():
+                record(outcome)
             release_free_heap()  # before the pass maps its subjects (see its docs)
             for position, analysis in enumerate(batch):
                 last = position == len(batch) - 1
