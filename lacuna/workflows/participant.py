@@ -17,8 +17,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from lacuna.analysis.base import Analysis, BatchAnalysis, voxel_maps_to_subject
 from lacuna.analysis.regional.aggregation import ParcelAggregation
 from lacuna.analysis.regional.damage import RegionalDamage
@@ -369,11 +367,11 @@ class _WarmUp:
 
 
 def _map_grid(analysis: BatchAnalysis) -> tuple[Grid | None, str | None]:
-    """The grid and space of the maps a batch analysis writes, where known up front."""
-    connectome = getattr(analysis, "connectome", None)
-    if analysis.name != "FunctionalNetworkMapping" or connectome is None:
+    """The grid and space of the maps a batch analysis writes, where known up front
+    (functional maps are on the connectome's brain-mask grid)."""
+    if analysis.name != "FunctionalNetworkMapping":
         return None, None
-    return Grid(tuple(int(n) for n in connectome.mask_shape), np.asarray(connectome.mask_affine, dtype=float)), connectome.space
+    return analysis.connectome.grid, analysis.connectome.space
 
 
 @contextmanager
