@@ -310,8 +310,8 @@ def test_registry_persists_and_survives_a_moved_cache(tmp_path, monkeypatch):
     assert result.results["FunctionalNetworkMapping"]["Tiny_n_subjects"].value == 4
 
 
-def test_mapped_reader_faults_subjects_in_ahead_on_huge_pages(tmp_path, monkeypatch):
-    """The mapping is advised to use huge pages; a helper thread faults each subject in
+def test_mapped_reader_faults_subjects_in_on_huge_pages(tmp_path, monkeypatch):
+    """The mapping is advised to use huge pages; the reader thread faults each subject in
     before it is handed over; the subjects still come out exactly as stored."""
     import mmap
 
@@ -340,7 +340,7 @@ def test_mapped_reader_faults_subjects_in_ahead_on_huge_pages(tmp_path, monkeypa
     assert advice[0][0] == 0 and advice[0][2] == mmap.MADV_HUGEPAGE  # the whole file, first
     starts = [start for start, _ in faulted]
     assert starts == sorted(starts) and len(set(starts)) == 6  # each subject once, in order
-    assert all(name.startswith("connectome-fault") for _, name in faulted)
+    assert all(name == "connectome-reader" for _, name in faulted)
     assert all(count >= index + 1 for index, count in enumerate(faulted_when_handed_over))
 
 

@@ -27,7 +27,6 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -161,9 +160,10 @@ class FunctionalConnectome:
     def iter_subjects(self, prefetch: int = 2, prepare=None, hold: int = 1) -> Iterator:
         """Yield each subject's raw timeseries (n_timepoints, n_voxels), in order.
 
-        A background thread reads up to ``prefetch`` subjects ahead, so reading the next
-        subjects overlaps with processing the current ones. Arrays keep their stored type
-        and are read-only. With ``prepare``, the reader thread also computes
+        A background thread reads up to ``prefetch`` subjects ahead (queued, or being
+        read), so reading the next subjects overlaps with processing the current ones;
+        it starts on another only once the consumer took one. Arrays keep their stored
+        type and are read-only. With ``prepare``, the reader thread also computes
         ``prepare(timeseries)`` and ``(timeseries, prepared)`` pairs are yielded.
 
         Where a file stores each subject unfiltered and in native byte order (as
@@ -171,21 +171,26 @@ class FunctionalConnectome:
         than copied: the reader thread faults their pages in (from the page cache, or
         from the disk), and drops them from the process once the consumer, holding at
         most ``hold`` subjects, is done with them (an array used later still reads
-        correctly, from the page cache). Other files are read with HDF5 into a few reused
+        correctly, from the page cache). The process then maps at most about
+        ``prefetch + hold`` subjects. Other files are read with HDF5 into a few reused
         buffers; then a yielded array stays valid while the consumer holds at most
         ``hold`` of them.
         """
         prefetch = max(1, prefetch)
-        buffer: queue.Queue = queue.Queue(maxsize=prefetch)
+        buffer: queue.Queue = queue.Queue()  # bounded by the slots
+        slots = threading.Semaphore(prefetch)  # subjects queued or being read
         stop = threading.Event()
 
-        def deliver(timeseries: np.ndarray) -> None:
-            buffer.put(timeseries if prepare is None else (timeseries, prepare(timeseries)))
+        def next_slot() -> bool:
+            while not slots.acquire(timeout=0.1):
+                if stop.is_set():
+                    return False
+            return not stop.is_set()
 
         def read_all() -> None:
-            # A subject is added once the queue took it, so the consumer's ``hold`` and the
-            # ``prefetch`` queued are the most recent ``prefetch + hold`` added.
-            handed_over = _HandedOver(keep=prefetch + hold, run=max(1, hold // 4))
+            # A subject is added once the consumer took it (when the next one is read), so
+            # the consumer's ``hold`` are the most recent ``hold`` added.
+            handed_over = _HandedOver(keep=hold, run=max(1, hold // 4))
             try:
                 for batch in self.files:
                     with h5py.File(batch.path, "r") as handle:
@@ -195,10 +200,14 @@ class FunctionalConnectome:
                             subjects = _mapped_subjects(batch.path, offsets, dataset.shape[1:], dataset.dtype, handed_over)
                         else:
                             subjects = _buffered_subjects(dataset, buffers=prefetch + hold + 1)
-                        for timeseries in subjects:
-                            if stop.is_set():
-                                return
-                            deliver(timeseries)
+                        while next_slot():
+                            timeseries = next(subjects, None)
+                            if timeseries is None:
+                                slots.release()
+                                break
+                            buffer.put(timeseries if prepare is None else (timeseries, prepare(timeseries)))
+                        if stop.is_set():
+                            return
                 buffer.put(None)
             except BaseException as exc:  # handed to the consumer
                 buffer.put(exc)
@@ -212,9 +221,11 @@ class FunctionalConnectome:
                     return
                 if isinstance(item, BaseException):
                     raise ConnectomeFormatError(f"reading {self.name} failed: {item}") from item
+                slots.release()
                 yield item
         finally:
             stop.set()
+            slots.release()
             while reader.is_alive():
                 try:
                     buffer.get_nowait()
@@ -246,11 +257,6 @@ def _mappable_offsets(dataset: h5py.Dataset) -> list[int] | None:
             return None  # a chunk never written, or stored filtered
         offsets.append(info.byte_offset)
     return offsets
-
-
-#: Subjects beyond the one being handed over that a helper thread faults in meanwhile
-#: (one keeps a read from the disk going; each more maps another subject).
-_FAULT_AHEAD = 1
 
 
 class _HandedOver:
@@ -287,20 +293,19 @@ def _mapped_subjects(
 ) -> Iterator[np.ndarray]:
     """Subjects as read-only arrays over one mapping of the whole file.
 
-    Each subject's pages are faulted in before it is handed over, so the consumer never
-    waits on the disk; a helper thread faults in up to :data:`_FAULT_AHEAD` subjects
-    ahead, so that reading from the disk goes on while this thread hands subjects over.
-    The mapping is advised to use huge pages (``MADV_HUGEPAGE``): the kernel then reads
-    the file in 2 MiB folios and maps each with one page-table entry. Faulting in is
-    then nearly free once the file is cached (measured: 0.005 s instead of 0.1-0.3 s of
-    CPU for 6.9 GB), and a pass reading from the disk is shorter (measured: 1.8 s
-    instead of 2.6 s for one lesion). Asking the kernel to read ahead with
-    ``MADV_WILLNEED`` instead would fill the page cache with 4 KiB pages.
+    Each subject's pages are faulted in (by the calling thread) before it is handed
+    over, so the consumer never waits on the disk. The mapping is advised to use huge
+    pages (``MADV_HUGEPAGE``): the kernel then reads the file in 2 MiB folios and maps
+    each with one page-table entry. Faulting in is then nearly free once the file is
+    cached (measured: 0.005 s instead of 0.1-0.3 s of CPU for 6.9 GB), and a pass
+    reading from the disk is shorter (measured: 1.8 s instead of 2.6 s for one lesion).
+    Asking the kernel to read ahead with ``MADV_WILLNEED`` instead would fill the page
+    cache with 4 KiB pages.
 
-    Pages of subjects handed over long enough ago are dropped (:class:`_HandedOver`),
-    so the process maps at most ``keep + run + _FAULT_AHEAD`` subjects at a time;
-    dropping is batched because each drop interrupts every thread of the process to
-    flush its TLB.
+    A subject is added to ``handed_over`` when the next one is asked for; pages of
+    subjects handed over long enough ago are dropped (:class:`_HandedOver`). Dropping
+    is batched because each drop interrupts every thread of the process to flush its
+    TLB.
     """
     nbytes = shape[0] * shape[1] * dtype.itemsize
     page = mmap.PAGESIZE
@@ -308,19 +313,11 @@ def _mapped_subjects(
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     whole = np.frombuffer(mapping, dtype=np.uint8)  # also keeps the mapping alive
     madvise(whole, 0, whole.size - whole.size % page, MADV_HUGEPAGE)  # refused, harmlessly, without THP
-
-    def fault_in(offset: int) -> None:
+    for offset in offsets:
         start = offset - offset % page
         _populate(whole, start, offset + nbytes - start)
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="connectome-fault") as helper:
-        faulting = deque(helper.submit(fault_in, offset) for offset in offsets[: _FAULT_AHEAD + 1])
-        for index, offset in enumerate(offsets):
-            faulting.popleft().result()
-            if index + _FAULT_AHEAD + 1 < len(offsets):
-                faulting.append(helper.submit(fault_in, offsets[index + _FAULT_AHEAD + 1]))
-            yield whole[offset : offset + nbytes].view(dtype).reshape(shape)
-            handed_over.add(whole, offset, nbytes)
+        yield whole[offset : offset + nbytes].view(dtype).reshape(shape)
+        handed_over.add(whole, offset, nbytes)
 
 
 def _populate(mapped: np.ndarray, start: int, length: int) -> None:
