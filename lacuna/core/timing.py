@@ -45,19 +45,35 @@ class PhaseTimes:
 
 
 class Progress:
-    """Done/total counts, and the time left at the rate so far."""
+    """Done/total counts, and the time left at the rate so far.
 
-    def __init__(self, total: int):
+    The rate is taken at the last :meth:`settle`: after every item by default, or,
+    with ``settle_each=False``, only where the caller says the items done so far are
+    representative (masks mapped in groups finish in a burst after each group's pass,
+    so the rate within a group says nothing about the groups still to come).
+    """
+
+    def __init__(self, total: int, settle_each: bool = True):
         self.total = total
         self.done = 0
+        self.settle_each = settle_each
         self._started = time.perf_counter()
+        self._settled: tuple[int, float] = (0, 0.0)  # (items done, seconds) at the last settle
+
+    def settle(self) -> None:
+        """Take the rate from the items done so far."""
+        self._settled = (self.done, time.perf_counter() - self._started)
 
     def eta_text(self) -> str:
-        """``"ETA 12 s"`` (empty before the first item and after the last)."""
-        if not self.done or self.done >= self.total:
+        """``"ETA 12 s"`` (empty before the rate is known and after the last item)."""
+        if self.settle_each:
+            self.settle()
+        settled_done, settled_seconds = self._settled
+        if not settled_done or self.done >= self.total:
             return ""
         elapsed = time.perf_counter() - self._started
-        return f"ETA {elapsed / self.done * (self.total - self.done):.0f} s"
+        left = settled_seconds / settled_done * self.total - elapsed
+        return f"ETA {max(left, 0.0):.0f} s"
 
 
 class ProgressLog:

@@ -23,6 +23,7 @@ from lacuna.analysis.regional.damage import RegionalDamage
 from lacuna.workflows import messages
 from lacuna.workflows.config import RunConfig
 from lacuna.core.entities import mask_label, parse_entities
+from lacuna.workflows.warm_up import WarmUp
 from lacuna.workflows.mask_selection import (
     MaskSource,
     check_bids_dataset,
@@ -32,7 +33,6 @@ from lacuna.workflows.mask_selection import (
     source_of,
 )
 from lacuna.core.errors import BidsError, ValidationError
-from lacuna.core.grid import Grid
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.subject import SubjectData
 from lacuna.core.atomic import remove_stale_temporaries
@@ -292,7 +292,7 @@ def run_participant(config: RunConfig) -> ParticipantSummary:
         If the dataset is unusable or no mask is selected.
     """
     times = PhaseTimes()
-    with _WarmUp() as warm_up:
+    with WarmUp() as warm_up:
         with times.phase("dataset, atlases and connectomes"):
             check_bids_dataset(config.bids_dir, config.output_dir)
             sources = mask_sources(config)
@@ -306,7 +306,7 @@ def run_participant(config: RunConfig) -> ParticipantSummary:
             analyses = build_analyses(config)  # resolves (and downloads) atlases once, up front
             warm_up.analyses(analyses)
             batch = build_batch_analyses(config)
-            warm_up.follow_ups(config, batch)
+            warm_up.follow_ups(batch, [follow_up_analyses(config, analysis) for analysis in batch])
             fingerprint = run_fingerprint(config, analyses + batch)
             initialise_derivatives(
                 config.output_dir, source_dir=config.bids_dir, linked={s.link: s.root for s in sources[1:]}
@@ -327,51 +327,6 @@ def run_participant(config: RunConfig) -> ParticipantSummary:
     log.debug("where the time went (phases on background threads overlap the others):")
     times.log(log)
     return summary
-
-
-class _WarmUp:
-    """Reads atlases and builds parcel operators on a background thread while the main
-    thread goes on with the dataset and the first masks (decompression, numpy and
-    scipy release the GIL). A failure here is only logged: the analysis that needs the
-    item raises it later, with its context."""
-
-    def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lacuna-warm-up")
-
-    def __enter__(self) -> "_WarmUp":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def analyses(self, analyses: list[Analysis]) -> None:
-        """Queue each analysis' :meth:`~lacuna.analysis.base.Analysis.warm_up`."""
-        for analysis in analyses:
-            self._pool.submit(self._quietly, analysis.warm_up)
-
-    def follow_ups(self, config: RunConfig, batch: list[BatchAnalysis]) -> None:
-        """Queue the parcel operators of the batch analyses' follow-up aggregations."""
-        for analysis in batch:
-            grid, space = _map_grid(analysis)
-            if grid is None:
-                continue
-            for follow_up in follow_up_analyses(config, analysis)[:1]:  # the maps share one grid
-                self._pool.submit(self._quietly, follow_up.warm_up_for, grid, space)
-
-    @staticmethod
-    def _quietly(function, *args) -> None:
-        try:
-            function(*args)
-        except Exception as exc:  # raised again, with context, where the item is needed
-            log.debug("reading ahead (%s) failed: %s", getattr(function, "__qualname__", function), exc)
-
-
-def _map_grid(analysis: BatchAnalysis) -> tuple[Grid | None, str | None]:
-    """The grid and space of the maps a batch analysis writes, where known up front
-    (functional maps are on the connectome's brain-mask grid)."""
-    if analysis.name != "FunctionalNetworkMapping":
-        return None, None
-    return analysis.connectome.grid, analysis.connectome.space
 
 
 @contextmanager
@@ -406,7 +361,7 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
     the maps of more than a few masks."""
     per_pass = min(analysis.lesions_per_pass(extra_bytes=_MASK_BYTES) for analysis in batch)
     follow_ups = [follow_up_analyses(config, analysis) for analysis in batch]
-    log_outcome = _OutcomeLog(len(masks))
+    log_outcome = _OutcomeLog(len(masks), in_groups=True)
 
     def record(outcome: MaskOutcome) -> None:
         log_outcome(outcome)
@@ -430,6 +385,7 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
             # milliseconds): their maps are freed before the pass maps its subjects.
             for outcome in finisher.drain():
                 record(outcome)
+            log_outcome.group_done()
             release_free_heap()  # before the pass maps its subjects (see its docs)
             for position, analysis in enumerate(batch):
                 last = position == len(batch) - 1
@@ -532,8 +488,12 @@ class _BackgroundFinisher:
 class _OutcomeLog:
     """Logs ``[done/total] mask: status (seconds), ETA`` for each mask."""
 
-    def __init__(self, total: int):
-        self._progress = Progress(total)
+    def __init__(self, total: int, in_groups: bool = False):
+        self._progress = Progress(total, settle_each=not in_groups)
+
+    def group_done(self) -> None:
+        """The masks of a group are all logged: later ETAs use the rate so far."""
+        self._progress.settle()
 
     def __call__(self, outcome: MaskOutcome) -> None:
         self._progress.done += 1

@@ -1,0 +1,61 @@
+"""Reading ahead at the start of the participant level: atlases and parcel operators
+are prepared on a background thread while the main thread goes on with the dataset,
+the compiled kernels and the first masks."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from lacuna.analysis.base import Analysis, BatchAnalysis
+from lacuna.analysis.regional.aggregation import ParcelAggregation
+from lacuna.core.grid import Grid
+
+log = logging.getLogger(__name__)
+
+
+class WarmUp:
+    """Reads atlases and builds parcel operators on a background thread while the main
+    thread goes on with the dataset and the first masks (decompression, numpy and
+    scipy release the GIL). A failure here is only logged: the analysis that needs the
+    item raises it later, with its context."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lacuna-warm-up")
+
+    def __enter__(self) -> "WarmUp":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def analyses(self, analyses: list[Analysis]) -> None:
+        """Queue each analysis' :meth:`~lacuna.analysis.base.Analysis.warm_up`."""
+        for analysis in analyses:
+            self._pool.submit(self._quietly, analysis.warm_up)
+
+    def follow_ups(self, batch: list[BatchAnalysis], follow_ups: list[list[Analysis]]) -> None:
+        """Queue the parcel operators of the batch analyses' follow-up aggregations
+        (``follow_ups[i]`` are those of ``batch[i]``)."""
+        for analysis, aggregations in zip(batch, follow_ups):
+            grid, space = map_grid(analysis)
+            if grid is None:
+                continue
+            for follow_up in aggregations[:1]:  # the maps share one grid
+                if isinstance(follow_up, ParcelAggregation):
+                    self._pool.submit(self._quietly, follow_up.warm_up_for, grid, space)
+
+    @staticmethod
+    def _quietly(function, *args) -> None:
+        try:
+            function(*args)
+        except Exception as exc:  # raised again, with context, where the item is needed
+            log.debug("reading ahead (%s) failed: %s", getattr(function, "__qualname__", function), exc)
+
+
+def map_grid(analysis: BatchAnalysis) -> tuple[Grid | None, str | None]:
+    """The grid and space of the maps a batch analysis writes, where known up front
+    (functional maps are on the connectome's brain-mask grid)."""
+    if analysis.name != "FunctionalNetworkMapping":
+        return None, None
+    return analysis.connectome.grid, analysis.connectome.space
