@@ -137,6 +137,23 @@ def test_benjamini_hochberg_matches_scipy():
 
 
 @pytest.mark.parametrize(
+    "p",
+    [
+        np.random.default_rng(2).uniform(size=70_000) ** 6,  # many decades: every radix pass runs
+        np.full(1000, 0.25),  # one value: every pass skipped, index order kept
+        np.array([1.0, 0.0, 1e-300, 0.5, 0.5, 1.0]),
+        np.array([0.3]),
+    ],
+)
+def test_radix_sort_of_rank_keys_equals_numpy_sort(p):
+    keys = np.empty(p.size, dtype=np.uint64)
+    shift = kernels.rank_keys(p, keys)
+    expected = np.sort(keys)
+    kernels.radix_sort_keys(keys, shift, np.empty_like(keys))
+    np.testing.assert_array_equal(keys, expected)
+
+
+@pytest.mark.parametrize(
     ("flags", "architecture", "expected"),
     [
         ("fpu avx2 avx512f avx512cd avx512bw avx512dq avx512vl", "Haswell", True),
