@@ -1,6 +1,7 @@
 """Low-level building blocks of the compiled kernels (numba and LLVM).
 
-- :func:`compile_kernel`: numba's ``njit`` without the GIL, cached on disk when it can be;
+- :func:`compile_kernel` (from :mod:`lacuna.core.compiled`): numba's ``njit`` without the
+  GIL, cached on disk when it can be;
 - intrinsics that numba has no spelling for: float16 widening, cache prefetch, the
   exponent and mantissa of a float32 (for a vectorised logarithm), an array over a raw
   address;
@@ -16,9 +17,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -28,39 +26,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic
 
-from lacuna.core import settings
-
-
-def compile_kernel(function):
-    """``numba.njit`` without the GIL, cached on disk in :func:`kernel_cache_dir` when
-    there is one; compiled at first use otherwise. Never cached inside the installed
-    package: files left there outlive an uninstall, and the folder they keep then
-    shadows a later (editable) install of Lacuna."""
-    if kernel_cache_dir() is not None:
-        try:
-            return numba.njit(nogil=True, cache=True, error_model="numpy")(function)
-        except RuntimeError:  # numba found no usable cache location after all
-            pass
-    return numba.njit(nogil=True, error_model="numpy")(function)
-
-
-@functools.lru_cache(maxsize=1)
-def kernel_cache_dir() -> str | None:
-    """Where compiled kernels are cached: ``$NUMBA_CACHE_DIR`` when set, else
-    ``$XDG_CACHE_HOME/lacuna/numba`` (``~/.cache/lacuna/numba``); None when that folder
-    cannot be written (then kernels are compiled in memory at each run)."""
-    if numba.config.CACHE_DIR:
-        return numba.config.CACHE_DIR
-    base = settings.xdg_cache_home() or Path.home() / ".cache"
-    folder = os.path.join(base, "lacuna", "numba")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError:
-        return None
-    numba.config.CACHE_DIR = folder  # numba's own locator then caches there
-    return folder
+from lacuna.core.compiled import compile_kernel, kernel_cache_dir  # noqa: F401 (re-exported)
 
 
 @intrinsic

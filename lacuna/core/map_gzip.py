@@ -1,0 +1,222 @@
+"""Standard gzip for float32 voxel maps at the cost of a copy.
+
+A statistical map holds two kinds of bytes: float32 values inside the brain, which
+deflate barely shrinks (their low mantissa bytes are noise: ISA-L's fastest level
+keeps 82-95 % of them) yet spends most of its time on, and long runs of one value
+(0 or 1) outside it, which shrink to nothing. This encoder writes each kind in the
+deflate block type that suits it (RFC 1951): the values as *stored* blocks (copied),
+each run of a repeated voxel as a *fixed-Huffman* block of its 4 bytes and matches
+at distance 4. The result is a standard gzip member (RFC 1952) that every reader
+(nibabel, FSL, MRtrix3, gzip, zlib) decodes to the same bytes, in a tenth of ISA-L's
+time, 10-25 % larger than ISA-L's level 1.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numba
+import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from lacuna.core.compiled import compile_kernel
+
+try:
+    from isal.isal_zlib import crc32  # a few times faster than zlib's
+except ImportError:  # pragma: no cover - depends on the installation
+    crc32 = zlib.crc32
+
+#: Voxels a run must span to become a fixed-Huffman block: shorter runs cost less as
+#: stored bytes than a block's ~11 bytes of framing.
+MIN_RUN_VOXELS = 8
+
+_STORED_MAX = 65535  # bytes in one stored block
+_MATCH_MAX = 258  # longest deflate match
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no name, mtime 0, OS unknown
+
+
+def _reversed_bits(code: int, width: int) -> int:
+    """Huffman codes are packed most significant bit first into deflate's LSB-first
+    bit stream."""
+    return int(f"{code:0{width}b}"[::-1], 2)
+
+
+_DISTANCE_4 = _reversed_bits(3, 5)  # distance symbol 3 (distance 4): five bits
+
+
+def _match_codes() -> tuple[np.ndarray, np.ndarray]:
+    """For each match length 3-258, the bits of a match of that length at distance 4
+    (fixed-Huffman length symbol, its extra bits, distance symbol) as written to the
+    stream, and their count."""
+    bases = [3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163, 195, 227, 258]
+    extra = [0] * 8 + [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4 + [5] * 4 + [0]
+    bits = np.zeros(_MATCH_MAX + 1, dtype=np.uint64)
+    widths = np.zeros(_MATCH_MAX + 1, dtype=np.int64)
+    for length in range(3, _MATCH_MAX + 1):
+        index = max(i for i, base in enumerate(bases) if base <= length) if length < 258 else 28
+        symbol = 257 + index
+        code, width = (symbol - 256, 7) if symbol < 280 else (0xC0 + symbol - 280, 8)
+        bits[length] = _reversed_bits(code, width) | ((length - bases[index]) << width)
+        bits[length] |= _DISTANCE_4 << (width + extra[index])
+        widths[length] = width + extra[index] + 5
+    return bits, widths
+
+
+_MATCH_BITS, _MATCH_WIDTHS = _match_codes()
+_LITERAL_BITS = np.array([_reversed_bits(0x30 + v, 8) if v < 144 else _reversed_bits(0x190 + v - 144, 9) for v in range(256)], dtype=np.uint64)
+_LITERAL_WIDTHS = np.array([8 if v < 144 else 9 for v in range(256)], dtype=np.int64)
+
+
+@numba.njit(inline="always")
+def _put(out, stream, bits, width):
+    """``stream`` (byte position, bit buffer, bits in the buffer) after appending
+    ``width`` (<= 24) bits; whole bytes leave the buffer four at a time."""
+    position, buffer, count = stream
+    buffer |= np.uint64(bits) << np.uint64(count)
+    count += width
+    if count >= 32:
+        for k in range(4):
+            out[position + k] = np.uint8((buffer >> np.uint64(8 * k)) & np.uint64(0xFF))
+        buffer >>= np.uint64(32)
+        count -= 32
+        position += 4
+    return position, buffer, count
+
+
+@numba.njit(inline="always")
+def _align(out, stream):
+    """``stream`` with its buffer written out, padded with zero bits to a byte."""
+    position, buffer, count = stream
+    for k in range((count + 7) // 8):
+        out[position + k] = np.uint8((buffer >> np.uint64(8 * k)) & np.uint64(0xFF))
+    return position + (count + 7) // 8, np.uint64(0), 0
+
+
+@intrinsic
+def _copy_bytes(typingctx, destination, destination_start, source, source_start, count):
+    """``destination[destination_start:][:count] = source[source_start:][:count]`` as
+    one ``memcpy`` (numba's slice assignment first checks the two for overlap and goes
+    through a temporary copy: 14 times slower)."""
+
+    def codegen(context, builder, signature, args):
+        destination_data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        source_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+        target = builder.gep(destination_data, [args[1]])
+        origin = builder.gep(source_data, [args[3]])
+        cgutils.raw_memcpy(builder, target, origin, args[4], 1)
+        return context.get_dummy_value()
+
+    return types.void(destination, types.int64, source, types.int64, types.int64), codegen
+
+
+@numba.njit
+def _put_stored(out, stream, data, first, stop):
+    """``data[first:stop]`` (bytes) appended as stored blocks of at most 65,535 bytes."""
+    while first < stop:
+        size = min(stop - first, _STORED_MAX)
+        stream = _align(out, _put(out, stream, 0, 3))  # not final, type 00 (stored)
+        position = stream[0]
+        out[position] = size & 0xFF
+        out[position + 1] = size >> 8
+        out[position + 2] = (~size) & 0xFF
+        out[position + 3] = ((~size) >> 8) & 0xFF
+        _copy_bytes(out, position + 4, data, first, size)
+        stream = (position + 4 + size, stream[1], stream[2])
+        first += size
+    return stream
+
+
+@numba.njit
+def _put_run(out, stream, data, first, n_bytes, literal_bits, literal_widths, match_bits, match_widths):
+    """``n_bytes`` bytes from ``data[first]`` on, a 4-byte value repeated, appended as
+    one fixed-Huffman block: the value's 4 literals, then matches at distance 4."""
+    stream = _put(out, stream, 2, 3)  # not final, type 01 (fixed Huffman)
+    for k in range(4):
+        value = data[first + k]
+        stream = _put(out, stream, literal_bits[value], literal_widths[value])
+    left = n_bytes - 4
+    while left > 0:
+        length = min(left, _MATCH_MAX)
+        if 0 < left - length < 3:  # the last match must be at least 3 long
+            length = left - 3
+        stream = _put(out, stream, match_bits[length], match_widths[length])
+        left -= length
+    return _put(out, stream, 0, 7)  # end of block (symbol 256)
+
+
+@numba.njit(inline="always")
+def _run_end(words, first, value):
+    """The index after the run of ``value`` that starts at ``first``, eight words per
+    step while it lasts (one branch per step, not per word)."""
+    stop = first
+    while stop + 8 <= words.size:
+        differs = np.uint32(0)
+        for k in range(8):
+            differs |= words[stop + k] ^ value
+        if differs:
+            break
+        stop += 8
+    while stop < words.size and words[stop] == value:
+        stop += 1
+    return stop
+
+
+@compile_kernel
+def _deflate(prefix, data, words, min_run, out, literal_bits, literal_widths, match_bits, match_widths):
+    """Raw deflate stream of ``prefix`` then ``data`` (bytes) into ``out``; ``words``
+    is ``data`` as uint32. ``prefix`` is stored; in ``data``, runs of one word at least
+    ``min_run`` (>= 8) long become fixed-Huffman blocks. Returns the stream's length.
+
+    A run of 8 or more words holds two words 4 apart among every fourth word, so only
+    every fourth word is compared until two match; the run is then found exactly."""
+    stream = _put_stored(out, (0, np.uint64(0), 0), prefix, 0, prefix.size)
+    stored_from = 0  # first byte of data not yet written
+    searched_from = 0  # first word not part of a run already written
+    sample = 0
+    while sample + 4 < words.size:
+        value = words[sample]
+        if words[sample + 4] != value:
+            sample += 4
+            continue
+        first = sample
+        while first > searched_from and words[first - 1] == value:
+            first -= 1
+        stop = _run_end(words, first, value)
+        if stop - first >= min_run:
+            stream = _put_stored(out, stream, data, stored_from, 4 * first)
+            stream = _put_run(out, stream, data, 4 * first, 4 * (stop - first), literal_bits, literal_widths, match_bits, match_widths)
+            stored_from = 4 * stop
+            searched_from = stop
+            sample = stop
+        else:
+            sample += 4
+    stream = _put_stored(out, stream, data, stored_from, data.size)
+    stream = _put(out, stream, 3, 3)  # final block, fixed Huffman, empty:
+    stream = _put(out, stream, 0, 7)  # its end-of-block symbol
+    return _align(out, stream)[0]
+
+
+def gzip_map_bytes(prefix: bytes, voxels: np.ndarray) -> bytes:
+    """A gzip member of ``prefix`` (a NIfTI header) followed by the bytes of
+    ``voxels`` (4-byte values, in the order written, e.g. a Fortran-ordered float32
+    volume); runs of one voxel value are deflated, the other bytes stored.
+
+    Returns the same bytes, once decompressed, as gzip of ``prefix + voxels.tobytes(order="A")``.
+    """
+    voxels = np.asarray(voxels)
+    if voxels.dtype.itemsize != 4 or not (voxels.flags.c_contiguous or voxels.flags.f_contiguous):
+        raise ValueError("gzip_map_bytes needs a contiguous array of 4-byte values")
+    words = voxels.reshape(-1, order="A").view(np.uint32)
+    data = words.view(np.uint8)
+    head = np.frombuffer(prefix, dtype=np.uint8)
+    total = head.size + data.size
+    # Worst case: everything stored, 5 bytes of framing per 65,535 and per segment.
+    out = np.empty(len(_GZIP_HEADER) + total + 5 * (total // _STORED_MAX + 3) + 16, dtype=np.uint8)
+    start = len(_GZIP_HEADER)
+    out[:start] = np.frombuffer(_GZIP_HEADER, dtype=np.uint8)
+    size = _deflate(head, data, words, MIN_RUN_VOXELS, out[start:], _LITERAL_BITS, _LITERAL_WIDTHS, _MATCH_BITS, _MATCH_WIDTHS)
+    checksum = crc32(data, crc32(head))
+    return out[: start + size].tobytes() + struct.pack("<II", checksum & 0xFFFFFFFF, total & 0xFFFFFFFF)

@@ -1,0 +1,88 @@
+"""The map encoder writes standard gzip: zlib, Python's gzip, the gzip command and
+nibabel read back exactly the bytes given, whatever the runs and segment sizes."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+import zlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lacuna.core.map_gzip import MIN_RUN_VOXELS, gzip_map_bytes
+from lacuna.core.nifti_files import float_map_bytes
+from lacuna.core.spaces import standard_grid
+
+
+def _runs(rng: np.random.Generator, n_words: int) -> np.ndarray:
+    """Words in runs of 1-80 of a few values (0, 1.0f, all bits set), some broken by
+    random words: every block boundary the encoder can meet."""
+    values = rng.choice(np.array([0, 0x3F800000, 0xFFFFFFFF, 7], dtype=np.uint32), size=n_words + 1)
+    words = np.repeat(values, rng.integers(1, 80, size=values.size))[:n_words].copy()
+    if n_words:
+        words[rng.integers(0, n_words, size=5)] = rng.integers(0, 2**32 - 1, size=5, dtype=np.uint32)
+    return words
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_runs_decompress_exactly(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        words = _runs(rng, int(rng.integers(0, 600)))
+        prefix = rng.integers(0, 256, size=int(rng.integers(0, 400)), dtype=np.uint8).tobytes()
+        encoded = gzip_map_bytes(prefix, words)
+        assert zlib.decompress(encoded, wbits=31) == prefix + words.tobytes()
+        assert gzip.decompress(encoded) == prefix + words.tobytes()
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        np.zeros(0, dtype=np.uint32),
+        np.zeros(MIN_RUN_VOXELS - 1, dtype=np.uint32),  # too short for a run: stored
+        np.zeros(MIN_RUN_VOXELS, dtype=np.uint32),
+        np.zeros(3_000_000, dtype=np.uint32),  # one run of 12 MB: thousands of matches
+        np.arange(100_000, dtype=np.uint32),  # no run, 400 kB: several stored blocks of 64 kB
+        np.repeat(np.arange(3, dtype=np.uint32), [65, 64, 66]),  # last-match lengths near 258
+    ],
+    ids=["empty", "short", "shortest-run", "long-run", "no-run", "match-tails"],
+)
+def test_edge_cases_decompress_exactly(words):
+    prefix = b"header" * 7
+    encoded = gzip_map_bytes(prefix, words)
+    assert zlib.decompress(encoded, wbits=31) == prefix + words.tobytes()
+
+
+def test_runs_are_deflated_and_values_stored():
+    rng = np.random.default_rng(5)
+    volume = np.zeros((91, 109, 91), dtype=np.float32, order="F")
+    volume[20:70, 20:90, 15:75] = rng.standard_normal((50, 70, 60))
+    encoded = gzip_map_bytes(b"", volume)
+    values = 50 * 70 * 60 * 4
+    assert values < len(encoded) < 1.1 * values  # runs nearly free, values as they are
+    assert zlib.decompress(encoded, wbits=31) == volume.tobytes(order="F")
+
+
+@pytest.mark.skipif(shutil.which("gzip") is None, reason="no gzip command")
+def test_the_gzip_command_reads_a_map(tmp_path):
+    grid = standard_grid("MNI152NLin6Asym", 2)
+    volume = np.ones(grid.shape, dtype=np.float32, order="F")  # a p map outside the brain
+    volume[10:80, 10:100, 10:80] = np.random.default_rng(6).uniform(size=(70, 90, 70))
+    path = tmp_path / "map.nii.gz"
+    path.write_bytes(float_map_bytes(volume, grid.affine, path.name))
+    subprocess.run(["gzip", "-t", str(path)], check=True)
+    unpacked = subprocess.run(["gzip", "-dc", str(path)], check=True, capture_output=True).stdout
+    assert unpacked == float_map_bytes(volume, grid.affine, "map.nii")
+    np.testing.assert_array_equal(np.asanyarray(nib.load(path).dataobj), volume)
+
+
+def test_c_ordered_maps_are_written_in_nifti_order(tmp_path):
+    grid = standard_grid("MNI152NLin6Asym", 2)
+    volume = np.zeros(grid.shape, dtype=np.float32)  # C order in memory
+    volume[30:60, 40:50, 20:25] = np.arange(30 * 10 * 5, dtype=np.float32).reshape(30, 10, 5)
+    path = tmp_path / "map.nii.gz"
+    path.write_bytes(float_map_bytes(volume, grid.affine, path.name))
+    np.testing.assert_array_equal(np.asanyarray(nib.load(path).dataobj), volume)
