@@ -355,11 +355,13 @@ def _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times) ->
 
 def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times) -> None:
     """Masks in memory-sized groups: per-mask analyses, then one connectome pass per
-    group and batch analysis for all its lesions. Each mask is finished (maps
-    compressed, tables and provenance written) on background threads as soon as its
-    last batch analysis yields it, while the next lesions are computed; nothing holds
-    the maps of more than a few masks."""
-    per_pass = min(analysis.lesions_per_pass(extra_bytes=_MASK_BYTES) for analysis in batch)
+    group and batch analysis for all its lesions. The next group's masks are read and
+    analysed on a background thread meanwhile. Each mask is finished (maps compressed,
+    tables and provenance written) on background threads as soon as its last batch
+    analysis yields it, while the next lesions are computed; nothing holds the maps of
+    more than a few masks."""
+    # Two groups of masks are in memory at a time: the one mapped and the next.
+    per_pass = min(analysis.lesions_per_pass(extra_bytes=2 * _MASK_BYTES) for analysis in batch)
     follow_ups = [follow_up_analyses(config, analysis) for analysis in batch]
     log_outcome = _OutcomeLog(len(masks), in_groups=True)
 
@@ -367,14 +369,24 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
         log_outcome(outcome)
         summary.outcomes.append(outcome)
 
-    with _BackgroundFinisher(config, fingerprint, times) as finisher:
-        for group in _balanced_groups(masks, per_pass):
-            start = time.perf_counter()
-            with times.phase("masks and regional damage"):
-                if pool is None:
-                    prepared = [prepare_mask(path, config, analyses, fingerprint) for path in group]
-                else:
-                    prepared = list(pool.map(_worker_prepare, group))
+    def prepare_group(group: list[Path]) -> tuple[float, list[SubjectData | MaskOutcome]]:
+        start = time.perf_counter()
+        if pool is None:
+            prepared = [prepare_mask(path, config, analyses, fingerprint) for path in group]
+        else:
+            prepared = list(pool.map(_worker_prepare, group))
+        times.add("masks and regional damage (background thread)", time.perf_counter() - start)
+        return start, prepared
+
+    groups = _balanced_groups(masks, per_pass) if masks else []
+    with _BackgroundFinisher(config, fingerprint, times) as finisher, ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="lacuna-masks"
+    ) as reader:
+        upcoming = [reader.submit(prepare_group, group) for group in groups[:1]]
+        for number in range(len(groups)):
+            with times.phase("waiting for masks"):
+                start, prepared = upcoming.pop().result()
+            upcoming += [reader.submit(prepare_group, group) for group in groups[number + 1 : number + 2]]
             subjects = []
             for item in prepared:
                 if isinstance(item, MaskOutcome):
