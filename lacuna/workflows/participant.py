@@ -356,7 +356,8 @@ def _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times) ->
 def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times) -> None:
     """Masks in memory-sized groups: per-mask analyses, then one connectome pass per
     group and batch analysis for all its lesions. The next group's masks are read and
-    analysed on a background thread meanwhile. Each mask is finished (maps compressed,
+    analysed on a background thread while this group's lesions are written (not during
+    the pass, which that GIL-bound work would slow). Each mask is finished (maps compressed,
     tables and provenance written) on background threads as soon as its last batch
     analysis yields it, while the next lesions are computed; nothing holds the maps of
     more than a few masks."""
@@ -379,14 +380,14 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
         return start, prepared
 
     groups = _balanced_groups(masks, per_pass) if masks else []
-    with _BackgroundFinisher(config, fingerprint, times) as finisher, ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="lacuna-masks"
-    ) as reader:
-        upcoming = [reader.submit(prepare_group, group) for group in groups[:1]]
-        for number in range(len(groups)):
+    with _BackgroundFinisher(config, fingerprint, times) as finisher, _MaskReader(groups, prepare_group) as reader:
+        reader.read_next()
+        with times.phase("loading compiled kernels"):  # while the first masks are read
+            for analysis in batch:
+                analysis.warm_up()
+        for _ in groups:
             with times.phase("waiting for masks"):
-                start, prepared = upcoming.pop().result()
-            upcoming += [reader.submit(prepare_group, group) for group in groups[number + 1 : number + 2]]
+                start, prepared = reader.take()
             subjects = []
             for item in prepared:
                 if isinstance(item, MaskOutcome):
@@ -403,6 +404,7 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
                 last = position == len(batch) - 1
                 kept = []
                 for subject in _map_batch(config, analysis, follow_ups[position], subjects, record, times):
+                    reader.read_next()
                     if last:
                         for outcome in finisher.submit(subject, start):
                             record(outcome)
@@ -451,6 +453,34 @@ def _map_batch(config, analysis, follow_ups, subjects, record, times) -> Iterato
             record(_failure(path, exc, start))
             continue
         yield outcome
+
+
+class _MaskReader:
+    """Reads and analyses groups of masks (``prepare(group)``) on a background thread,
+    at most one group ahead of the group being mapped."""
+
+    def __init__(self, groups: list[list[Path]], prepare):
+        self._groups, self._prepare = groups, prepare
+        self._read = 0  # groups whose reading has started
+        self._pending: deque = deque()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lacuna-masks")
+
+    def __enter__(self) -> "_MaskReader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def read_next(self) -> None:
+        """Start reading the next group, unless one is read already or there is none."""
+        if not self._pending and self._read < len(self._groups):
+            self._pending.append(self._pool.submit(self._prepare, self._groups[self._read]))
+            self._read += 1
+
+    def take(self):
+        """The next group's ``prepare`` result (waits for it)."""
+        self.read_next()
+        return self._pending.popleft().result()
 
 
 class _BackgroundFinisher:

@@ -556,12 +556,19 @@ def step_up_adjust(p, sorted_keys, shift, out):
         out[index] = running
 
 
+_PREPARED: set[np.dtype] = set()  # stored types whose kernels this process has loaded
+
+
 def prepare(stored_dtypes) -> None:
     """Compile every kernel (or load it from numba's cache) for the argument types the
     engine passes with connectomes stored as ``stored_dtypes`` (float16 and/or float32),
-    so that a pass does not stall on it midway. Loading takes a few hundredths of a
-    second per process; compiling, several seconds the first time."""
-    for dtype in {np.dtype(np.uint16) if np.dtype(d) == np.float16 else np.dtype(d) for d in stored_dtypes}:
+    so that a pass does not stall on it midway. Loading takes a few tenths of a second
+    per process, compiling several seconds the first time; later calls for the same
+    types return at once."""
+    wanted = {np.dtype(np.uint16) if np.dtype(d) == np.float16 else np.dtype(d) for d in stored_dtypes}
+    if wanted <= _PREPARED:
+        return
+    for dtype in wanted:
         timeseries = np.zeros((4, 16), dtype=dtype)
         timeseries.flags.writeable = False  # subjects are handed over read-only
         columns = np.arange(2, dtype=np.int64)
@@ -585,6 +592,7 @@ def prepare(stored_dtypes) -> None:
     shift = rank_keys(vector, keys)
     radix_sort_keys(keys, shift, np.empty_like(keys))
     step_up_adjust(vector, keys, shift, np.empty(4))
+    _PREPARED.update(wanted)
 
 
 def new_workspace(n_timepoints: int, n_lesions: int, part_width: int) -> tuple[np.ndarray, ...]:

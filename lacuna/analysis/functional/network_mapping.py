@@ -156,12 +156,17 @@ class FunctionalNetworkMapping(BatchAnalysis):
         self._budget_is_default = not memory_budget_gb
         self.return_in_input_space = return_in_input_space
         self.last_timing: list[PassTiming] = []
-        kernels.prepare({f.dtype for f in self.connectome.files})
         if avx2_blas_on_avx512_cpu():
             log.info(
                 "OpenBLAS uses its AVX2 kernels on this AVX-512 CPU; setting OPENBLAS_CORETYPE=SkylakeX "
                 "before starting makes functional mapping of many lesions faster"
             )
+
+    def warm_up(self) -> None:
+        """Load the compiled kernels for this connectome's stored types (from numba's
+        cache, a few tenths of a second; compiled the first time, several seconds), so
+        that a pass does not stall on them midway."""
+        kernels.prepare({f.dtype for f in self.connectome.files})
 
     @property
     def connectome_label(self) -> str:
@@ -193,6 +198,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
         first as errors; the others follow chunk by chunk, each chunk one pass over the
         connectome (two for ``pini``).
         """
+        self.warm_up()  # returns at once when done before
         lookup = self.connectome.voxel_lookup()
         new_step = self.step_factory()
         prepared: list[PreparedLesion] = []
