@@ -72,7 +72,7 @@ def test_the_gzip_command_reads_a_map(tmp_path):
     volume = np.ones(grid.shape, dtype=np.float32, order="F")  # a p map outside the brain
     volume[10:80, 10:100, 10:80] = np.random.default_rng(6).uniform(size=(70, 90, 70))
     path = tmp_path / "map.nii.gz"
-    path.write_bytes(float_map_bytes(volume, grid.affine, path.name))
+    path.write_bytes(float_map_bytes(volume, grid.affine, path.name, stored_values=True))
     subprocess.run(["gzip", "-t", str(path)], check=True)
     unpacked = subprocess.run(["gzip", "-dc", str(path)], check=True, capture_output=True).stdout
     assert unpacked == float_map_bytes(volume, grid.affine, "map.nii")
@@ -84,5 +84,18 @@ def test_c_ordered_maps_are_written_in_nifti_order(tmp_path):
     volume = np.zeros(grid.shape, dtype=np.float32)  # C order in memory
     volume[30:60, 40:50, 20:25] = np.arange(30 * 10 * 5, dtype=np.float32).reshape(30, 10, 5)
     path = tmp_path / "map.nii.gz"
-    path.write_bytes(float_map_bytes(volume, grid.affine, path.name))
+    path.write_bytes(float_map_bytes(volume, grid.affine, path.name, stored_values=True))
     np.testing.assert_array_equal(np.asanyarray(nib.load(path).dataobj), volume)
+
+
+def test_voxel_maps_choose_the_encoder_by_density():
+    """Dense statistics are stored (fast); sparse maps are deflated whole (small)."""
+    from lacuna.core.results import VoxelMap
+
+    grid = standard_grid("MNI152NLin6Asym", 2)
+    sparse = np.zeros(grid.shape, dtype=np.float32)
+    sparse[40:50, 50:60, 40:50] = np.arange(1000, dtype=np.float32).reshape(10, 10, 10) % 7
+    as_sparse = VoxelMap("count", sparse, grid.affine, "MNI152NLin6Asym", 2.0).file_bytes("m.nii.gz")
+    as_dense = VoxelMap("count", sparse, grid.affine, "MNI152NLin6Asym", 2.0, dense=True).file_bytes("m.nii.gz")
+    assert gzip.decompress(as_sparse) == gzip.decompress(as_dense)
+    assert len(as_sparse) < len(as_dense) / 2

@@ -22,11 +22,12 @@ def test_float_map_bytes_equal_nibabel_save(tmp_path, order):
     assert float_map_bytes(data * 2, grid.affine, "map.nii")[:352] == (tmp_path / "reference.nii").read_bytes()[:352]
 
 
-def test_compressed_maps_read_back_exactly(tmp_path):
+@pytest.mark.parametrize("stored_values", [False, True])
+def test_compressed_maps_read_back_exactly(tmp_path, stored_values):
     grid = standard_grid("MNI152NLin6Asym", 2)
     data = np.random.default_rng(1).standard_normal(grid.shape).astype(np.float32)
     path = tmp_path / "map.nii.gz"
-    path.write_bytes(float_map_bytes(data, grid.affine, path.name))
+    path.write_bytes(float_map_bytes(data, grid.affine, path.name, stored_values=stored_values))
     img = nib.load(path)
     np.testing.assert_array_equal(np.asanyarray(img.dataobj), data)
     np.testing.assert_allclose(img.affine, grid.affine)

@@ -3,9 +3,10 @@
 A float32 map's file is nibabel's header followed by the voxels in Fortran order. For
 many maps on one grid (every lesion's maps on the connectome grid) the header is the
 same, so it is made once by nibabel per (shape, affine) and reused; the voxels are
-then copied out in one call, or, for a ``.nii.gz`` file, written straight into the
-gzip stream by :func:`lacuna.core.map_gzip.gzip_map_bytes` (values stored, runs of one
-value outside the brain deflated). The result is byte for byte what ``nib.save`` of
+then copied out in one call and compressed by :func:`lacuna.core.compression.gzip_bytes`,
+or, for maps with a value in every brain voxel, written straight into the gzip stream
+by :func:`lacuna.core.map_gzip.gzip_map_bytes` (values stored, runs of one value
+outside the brain deflated). The result is byte for byte what ``nib.save`` of
 :func:`float_map_image` writes, before compression (tested).
 """
 
@@ -41,14 +42,16 @@ def image_bytes(img: nib.Nifti1Image, name: str) -> bytes:
     return gzip_bytes(raw) if str(name).endswith(".gz") else raw
 
 
-def float_map_bytes(data: np.ndarray, affine: np.ndarray, name: str) -> bytes:
+def float_map_bytes(data: np.ndarray, affine: np.ndarray, name: str, stored_values: bool = False) -> bytes:
     """The bytes of :func:`float_map_image` of ``data`` written as ``name``, with the
-    header made once per (shape, affine)."""
+    header made once per (shape, affine); with ``stored_values``, a ``.gz`` file keeps
+    the values uncompressed and deflates only runs of one value
+    (:func:`lacuna.core.map_gzip.gzip_map_bytes`, for maps dense in values)."""
     data = np.asarray(data, dtype=np.float32)
     if data.ndim != 3:
         return image_bytes(float_map_image(data, affine), name)
     header = _header_prefix(data.shape, np.asarray(affine, dtype=float))
-    if str(name).endswith(".gz"):
+    if stored_values and str(name).endswith(".gz"):
         from lacuna.core.map_gzip import gzip_map_bytes  # compiled: loads numba
 
         return gzip_map_bytes(header, np.asfortranarray(data))
@@ -56,7 +59,7 @@ def float_map_bytes(data: np.ndarray, affine: np.ndarray, name: str) -> bytes:
     raw = np.empty(len(header) + data.nbytes, dtype=np.uint8)
     raw[: len(header)] = np.frombuffer(header, dtype=np.uint8)
     np.ndarray(data.shape, dtype=np.float32, buffer=raw, offset=len(header), order="F")[...] = data
-    return raw.tobytes()
+    return gzip_bytes(raw) if str(name).endswith(".gz") else raw.tobytes()
 
 
 def _header_prefix(shape: tuple[int, ...], affine: np.ndarray) -> bytes:

@@ -352,6 +352,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
                 units=units,
                 metadata=metadata,
                 desc=f"flnm{label}{stat}",
+                dense=stat != "tthresholded",
             )
         t_values = statistics.t
         peak = float(t_values[np.argmax(np.abs(t_values))])

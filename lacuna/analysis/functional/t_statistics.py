@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import special
 
-from lacuna.analysis.functional import kernels as kernels
+from lacuna.analysis.functional import statistics_kernels
 
 #: Knot spacing in log(1 + |t|).
 _STEP = 1.0 / 128
@@ -88,7 +88,7 @@ def _two_sided_p_one_df(abs_t: np.ndarray, df: float) -> np.ndarray:
     table = _table(df)
     x = np.log1p(abs_t)
     log_p = np.empty(x.shape)
-    kernels.cubic_hermite(np.ascontiguousarray(x).ravel(), _STEP, table.values, table.slopes, log_p.ravel())
+    statistics_kernels.cubic_hermite(np.ascontiguousarray(x).ravel(), _STEP, table.values, table.slopes, log_p.ravel())
     p = np.exp(np.minimum(log_p, 0.0, out=log_p), out=log_p)
     beyond = x > table.x_max
     if beyond.any():  # p < 1e-60 there: computed exactly
@@ -107,8 +107,8 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     """
     p = np.ascontiguousarray(p, dtype=np.float64)
     keys = np.empty(p.size, dtype=np.uint64)
-    shift = kernels.rank_keys(p, keys)
-    kernels.radix_sort_keys(keys, shift, np.empty_like(keys))
+    shift = statistics_kernels.rank_keys(p, keys)
+    statistics_kernels.radix_sort_keys(keys, shift, np.empty_like(keys))
     adjusted = np.empty_like(p)
-    kernels.step_up_adjust(p, keys, shift, adjusted)
+    statistics_kernels.step_up_adjust(p, keys, shift, adjusted)
     return adjusted

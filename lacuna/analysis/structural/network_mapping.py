@@ -57,12 +57,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from lacuna.analysis.base import BatchAnalysis, mask_on_grid, record_move, voxel_maps_to_subject
 from lacuna.core.entities import alphanumeric
 from lacuna.resources.connectomes import STRUCTURAL, ConnectomeError, get_registered_connectome, list_connectomes, resolve_connectome
 from lacuna.resources.parcellations import Parcellation, ParcellationImage, get_parcellation
+from lacuna.resources.parcellations.labels import read_labels
 from lacuna.core.errors import AnalysisError
 from lacuna.core.memory import default_memory_budget
 from lacuna.core.provenance import InputFile, ProvenanceStep
@@ -437,6 +437,10 @@ def _who(subject: SubjectData) -> str:
 
 
 def _n_regions(parcellation: Parcellation) -> int:
+    """Regions of ``parcellation``: its labels file's entries (the image is read, on
+    the read-ahead thread, only when there is none)."""
+    if parcellation.labels_path is not None:
+        return len(read_labels(parcellation.labels_path)[0])
     return parcellation.load().n_regions
 
 
@@ -513,6 +517,8 @@ def assign_endpoints(points: np.ndarray, labels: np.ndarray, affine: np.ndarray,
     # Only endpoints with a labelled voxel possibly within reach need the search.
     half_diagonal = 0.5 * float(np.linalg.norm(voxel_sizes))
     reach = radius + half_diagonal
+    from scipy import ndimage  # only when no cached assignment exists: a fifth of a second to import
+
     distance = ndimage.distance_transform_edt(labels < 0, sampling=voxel_sizes)
     todo = finite & ~resolved
     near = np.zeros(points.shape[0], dtype=bool)
