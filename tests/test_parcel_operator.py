@@ -170,3 +170,45 @@ def test_an_operator_asked_for_by_two_threads_at_once_is_built_once(monkeypatch)
         thread.join()
     assert len(built) == 1
     assert found[0] is found[1]
+
+
+def test_a_second_operator_is_read_from_the_data_cache_with_the_same_numbers(isolated_data_dir, monkeypatch):
+    from lacuna.analysis.regional import parcel_operator as operators
+
+    image = _label_image(TARGET, seed=4)
+    values = np.random.default_rng(8).standard_normal(SOURCE.shape)
+    first = ParcelOperator(SOURCE, image)
+    assert len(list((isolated_data_dir / "derived" / "parcel-operators").glob("*.npz"))) == 1
+    monkeypatch.setattr(operators.ParcelOperator, "_region_sums", lambda self: pytest.fail("built again"))
+    second = ParcelOperator(SOURCE, image)
+    for method in ("mean", "sum"):
+        np.testing.assert_array_equal(second.apply(values, method), first.apply(values, method))
+    resampled = resample_from_to(nib.Nifti1Image(values, SOURCE.affine), (TARGET.shape, TARGET.affine), order=1).get_fdata()
+    expected = _plain_statistics(resampled, image.data, image.region_ids, "max", 0.0)
+    np.testing.assert_allclose(second.apply(values, "max"), expected, rtol=1e-10, atol=1e-12)  # membership made on demand
+
+
+def test_changed_atlas_values_are_never_served_a_cached_operator(isolated_data_dir):
+    image = _label_image(TARGET, seed=4)
+    changed = _label_image(TARGET, seed=5)  # same grid, names and ids; other voxels
+    values = np.random.default_rng(9).standard_normal(SOURCE.shape)
+    ParcelOperator(SOURCE, image)
+    resampled = resample_from_to(nib.Nifti1Image(values, SOURCE.affine), (TARGET.shape, TARGET.affine), order=1).get_fdata()
+    expected = _plain_statistics(resampled, changed.data, changed.region_ids, "mean", 0.0)
+    np.testing.assert_allclose(ParcelOperator(SOURCE, changed).apply(values, "mean"), expected, rtol=1e-10, atol=1e-12)
+    assert len(list((isolated_data_dir / "derived" / "parcel-operators").glob("*.npz"))) == 2
+
+
+def test_a_corrupt_or_unwritable_cache_only_costs_a_rebuild(isolated_data_dir, monkeypatch):
+    image = _label_image(TARGET, seed=6)
+    values = np.random.default_rng(10).standard_normal(SOURCE.shape)
+    expected = ParcelOperator(SOURCE, image).apply(values, "mean")
+    (stored,) = (isolated_data_dir / "derived" / "parcel-operators").glob("*.npz")
+    stored.write_bytes(b"not a zip file")
+    np.testing.assert_array_equal(ParcelOperator(SOURCE, image).apply(values, "mean"), expected)
+    readable_again = np.load(stored)  # rewritten by the rebuild
+    assert "weights" in readable_again.files
+    blocked = isolated_data_dir / "blocked"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("LACUNA_DATA_DIR", str(blocked))
+    np.testing.assert_array_equal(ParcelOperator(SOURCE, image).apply(values, "mean"), expected)
