@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,17 +104,23 @@ class RegionalDamage(Analysis):
             self._sizes(parcellation.load())
 
     def _sizes(self, image: ParcellationImage) -> np.ndarray:
-        """Parcel sizes in voxels (probability-weighted for 4-D atlases), cached."""
-        if image.name not in self._parcel_sizes:
-            if image.probabilistic:
-                sizes = np.array(
-                    [image.data[..., i].sum(dtype=np.float64) for i in range(image.data.shape[3])]
-                ) * image.scale
-            else:
-                counts = np.bincount(image.data.ravel(), minlength=max(image.region_ids) + 1)
-                sizes = counts[np.asarray(image.region_ids)].astype(np.float64)
-            self._parcel_sizes[image.name] = sizes
-        return self._parcel_sizes[image.name]
+        """Parcel sizes in voxels (probability-weighted for 4-D atlases), counted once
+        (a thread asking while the read-ahead thread counts waits for its count)."""
+        with _COUNTING:
+            if image.name not in self._parcel_sizes:
+                if image.probabilistic:
+                    sizes = np.array(
+                        [image.data[..., i].sum(dtype=np.float64) for i in range(image.data.shape[3])]
+                    ) * image.scale
+                else:
+                    # order "K": the labels in their own memory order, not a copy
+                    counts = np.bincount(image.data.ravel(order="K"), minlength=max(image.region_ids) + 1)
+                    sizes = counts[np.asarray(image.region_ids)].astype(np.float64)
+                self._parcel_sizes[image.name] = sizes
+            return self._parcel_sizes[image.name]
+
+
+_COUNTING = threading.Lock()  # held while parcel sizes are counted
 
 
 def _discrete_overlap(labels: np.ndarray, region_ids: list[int], lesion: np.ndarray) -> tuple[np.ndarray, float]:

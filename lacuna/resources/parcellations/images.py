@@ -180,7 +180,7 @@ def _present_labels(data: np.ndarray) -> list[int]:
     """Non-zero label values present in the image, ascending."""
     top = int(data.max()) if data.size else 0
     if top < (1 << 24):
-        counts = np.bincount(data.ravel(), minlength=top + 1)
+        counts = np.bincount(data.ravel(order="K"), minlength=top + 1)  # no copy of the volume
         values = np.flatnonzero(counts)
     else:
         values = np.unique(data)
