@@ -26,3 +26,11 @@ def gzip_bytes(data) -> bytes:
     if _fast_gzip is not None:
         return _fast_gzip.compress(data, compresslevel=LEVEL, mtime=0)
     return gzip.compress(data, compresslevel=LEVEL, mtime=0)
+
+
+def gunzip_bytes(data: bytes) -> bytes:
+    """The content of gzip ``data`` (every member), by ISA-L when installed (about three
+    times zlib's speed), else zlib."""
+    if _fast_gzip is not None:
+        return _fast_gzip.decompress(data)
+    return gzip.decompress(data)
