@@ -356,10 +356,11 @@ def _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times) ->
 def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times) -> None:
     """Masks in memory-sized groups: per-mask analyses, then one connectome pass per
     group and batch analysis for all its lesions. The next group's masks are read and
-    analysed on a background thread while this group is mapped. Each mask is finished
-    (maps compressed, tables and provenance written) on background threads as soon as
-    its last batch analysis yields it, while the next lesions are computed; nothing
-    holds the maps of more than a few masks."""
+    analysed on a background thread once this group's pass is done (during the pass,
+    when memory peaks, they would add to it). Each mask is finished (maps compressed,
+    tables and provenance written) on background threads as soon as its last batch
+    analysis yields it, while the next lesions are computed; nothing holds the maps of
+    more than a few masks."""
     # Two groups of masks are in memory at a time: the one mapped and the next.
     per_pass = min(analysis.lesions_per_pass(extra_bytes=2 * _MASK_BYTES) for analysis in batch)
     follow_ups = [follow_up_analyses(config, analysis) for analysis in batch]
@@ -403,6 +404,7 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
                 last = position == len(batch) - 1
                 kept = []
                 for subject in _map_batch(config, analysis, follow_ups[position], subjects, record, times):
+                    reader.read_next()  # the pass is done
                     if last:
                         for outcome in finisher.submit(subject, start):
                             record(outcome)
@@ -476,12 +478,10 @@ class _MaskReader:
             self._read += 1
 
     def take(self):
-        """The next group's ``prepare`` result (waits for it); the group after it is
-        read meanwhile."""
+        """The next group's ``prepare`` result (waits for it; starts reading it first
+        if :meth:`read_next` did not)."""
         self.read_next()
-        prepared = self._pending.popleft().result()
-        self.read_next()
-        return prepared
+        return self._pending.popleft().result()
 
 
 class _BackgroundFinisher:
