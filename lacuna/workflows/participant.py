@@ -355,14 +355,18 @@ def _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times) ->
 
 def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times) -> None:
     """Masks in memory-sized groups: per-mask analyses, then one connectome pass per
-    group and batch analysis for all its lesions. The next group's masks are read and
-    analysed on a background thread once this group's pass is done (during the pass,
-    when memory peaks, they would add to it). Each mask is finished (maps compressed,
+    group and batch analysis for all its lesions. When the memory budget allows two
+    groups of masks, the next group's are read and analysed on a background thread once
+    this group's pass is done (during the pass, when memory peaks, they would add to
+    it). Each mask is finished (maps compressed,
     tables and provenance written) on background threads as soon as its last batch
     analysis yields it, while the next lesions are computed; nothing holds the maps of
     more than a few masks."""
-    # Two groups of masks are in memory at a time: the one mapped and the next.
-    per_pass = min(analysis.lesions_per_pass(extra_bytes=2 * _MASK_BYTES) for analysis in batch)
+    per_pass = min(analysis.lesions_per_pass(extra_bytes=_MASK_BYTES) for analysis in batch)
+    # Reading the next group ahead holds two groups of masks: only when the memory
+    # budget allows it without smaller groups (more passes over a connectome larger
+    # than the page cache would cost far more than reading masks in between).
+    read_ahead = per_pass == min(analysis.lesions_per_pass(extra_bytes=2 * _MASK_BYTES) for analysis in batch)
     follow_ups = [follow_up_analyses(config, analysis) for analysis in batch]
     log_outcome = _OutcomeLog(len(masks), in_groups=True)
 
@@ -380,8 +384,7 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
         return start, prepared
 
     groups = _balanced_groups(masks, per_pass) if masks else []
-    with _BackgroundFinisher(config, fingerprint, times) as finisher, _MaskReader(groups, prepare_group) as reader:
-        reader.read_next()
+    with _BackgroundFinisher(config, fingerprint, times) as finisher, _MaskReader(groups, prepare_group, read_ahead) as reader:
         with times.phase("loading compiled kernels"):  # while the first masks are read
             for analysis in batch:
                 analysis.warm_up()
@@ -456,14 +459,16 @@ def _map_batch(config, analysis, follow_ups, subjects, record, times) -> Iterato
 
 
 class _MaskReader:
-    """Reads and analyses groups of masks (``prepare(group)``) on a background thread,
-    at most one group ahead of the group being mapped."""
+    """Reads and analyses groups of masks (``prepare(group)``) on a background thread:
+    the first at once, each later one either while the group before it is written
+    (``ahead``, when memory allows two groups) or when it is taken."""
 
-    def __init__(self, groups: list[list[Path]], prepare):
-        self._groups, self._prepare = groups, prepare
+    def __init__(self, groups: list[list[Path]], prepare, ahead: bool = True):
+        self._groups, self._prepare, self._ahead = groups, prepare, ahead
         self._read = 0  # groups whose reading has started
         self._pending: deque = deque()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lacuna-masks")
+        self._start_next()
 
     def __enter__(self) -> "_MaskReader":
         return self
@@ -472,16 +477,21 @@ class _MaskReader:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def read_next(self) -> None:
-        """Start reading the next group, unless one is read already or there is none."""
-        if not self._pending and self._read < len(self._groups):
-            self._pending.append(self._pool.submit(self._prepare, self._groups[self._read]))
-            self._read += 1
+        """Start reading the next group when reading ahead, unless one is read already
+        or there is none."""
+        if self._ahead:
+            self._start_next()
 
     def take(self):
         """The next group's ``prepare`` result (waits for it; starts reading it first
         if :meth:`read_next` did not)."""
-        self.read_next()
+        self._start_next()
         return self._pending.popleft().result()
+
+    def _start_next(self) -> None:
+        if not self._pending and self._read < len(self._groups):
+            self._pending.append(self._pool.submit(self._prepare, self._groups[self._read]))
+            self._read += 1
 
 
 class _BackgroundFinisher:
