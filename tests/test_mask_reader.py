@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lacuna.workflows.participant import _MaskReader
+from lacuna.workflows.warm_up import MaskReader
 
 
 def _recorder():
@@ -19,7 +19,7 @@ def _recorder():
 def test_reading_ahead_starts_the_next_group_before_it_is_taken():
     started, prepare = _recorder()
     groups = [["a"], ["b"], ["c"]]
-    with _MaskReader(groups, prepare, ahead=True) as reader:
+    with MaskReader(groups, prepare, ahead=True) as reader:
         assert reader.take() == ["a"]
         reader.read_next()
         reader.read_next()  # one group ahead at most
@@ -31,7 +31,7 @@ def test_reading_ahead_starts_the_next_group_before_it_is_taken():
 def test_without_reading_ahead_a_group_is_read_only_when_taken():
     started, prepare = _recorder()
     groups = [["a"], ["b"]]
-    with _MaskReader(groups, prepare, ahead=False) as reader:
+    with MaskReader(groups, prepare, ahead=False) as reader:
         assert reader.take() == ["a"]
         reader.read_next()
         assert started == [["a"]]  # "b" not started: its masks are not held meanwhile

@@ -23,7 +23,7 @@ from lacuna.analysis.regional.damage import RegionalDamage
 from lacuna.workflows import messages
 from lacuna.workflows.config import RunConfig
 from lacuna.core.entities import mask_label, parse_entities
-from lacuna.workflows.warm_up import WarmUp
+from lacuna.workflows.warm_up import MaskReader, WarmUp
 from lacuna.workflows.mask_selection import (
     MaskSource,
     check_bids_dataset,
@@ -384,7 +384,7 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
         return start, prepared
 
     groups = _balanced_groups(masks, per_pass) if masks else []
-    with _BackgroundFinisher(config, fingerprint, times) as finisher, _MaskReader(groups, prepare_group, read_ahead) as reader:
+    with _BackgroundFinisher(config, fingerprint, times) as finisher, MaskReader(groups, prepare_group, read_ahead) as reader:
         with times.phase("loading compiled kernels"):  # while the first masks are read
             for analysis in batch:
                 analysis.warm_up()
@@ -456,42 +456,6 @@ def _map_batch(config, analysis, follow_ups, subjects, record, times) -> Iterato
             record(_failure(path, exc, start))
             continue
         yield outcome
-
-
-class _MaskReader:
-    """Reads and analyses groups of masks (``prepare(group)``) on a background thread:
-    the first at once, each later one either while the group before it is written
-    (``ahead``, when memory allows two groups) or when it is taken."""
-
-    def __init__(self, groups: list[list[Path]], prepare, ahead: bool = True):
-        self._groups, self._prepare, self._ahead = groups, prepare, ahead
-        self._read = 0  # groups whose reading has started
-        self._pending: deque = deque()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lacuna-masks")
-        self._start_next()
-
-    def __enter__(self) -> "_MaskReader":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def read_next(self) -> None:
-        """Start reading the next group when reading ahead, unless one is read already
-        or there is none."""
-        if self._ahead:
-            self._start_next()
-
-    def take(self):
-        """The next group's ``prepare`` result (waits for it; starts reading it first
-        if :meth:`read_next` did not)."""
-        self._start_next()
-        return self._pending.popleft().result()
-
-    def _start_next(self) -> None:
-        if not self._pending and self._read < len(self._groups):
-            self._pending.append(self._pool.submit(self._prepare, self._groups[self._read]))
-            self._read += 1
 
 
 class _BackgroundFinisher:

@@ -1,11 +1,14 @@
-"""Reading ahead at the start of the participant level: atlases and parcel operators
-are prepared on a background thread while the main thread goes on with the dataset,
-the compiled kernels and the first masks."""
+"""Reading ahead in the participant level: atlases and parcel operators are prepared on
+a background thread while the main thread goes on with the dataset and the compiled
+kernels (:class:`WarmUp`), and groups of masks are read on another while the group
+before them is written (:class:`MaskReader`)."""
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from lacuna.analysis.base import Analysis, BatchAnalysis
 from lacuna.analysis.regional.aggregation import ParcelAggregation
@@ -59,3 +62,39 @@ def map_grid(analysis: BatchAnalysis) -> tuple[Grid | None, str | None]:
     if analysis.name != "FunctionalNetworkMapping":
         return None, None
     return analysis.connectome.grid, analysis.connectome.space
+
+
+class MaskReader:
+    """Reads and analyses groups of masks (``prepare(group)``) on a background thread:
+    the first at once, each later one either while the group before it is written
+    (``ahead``, when memory allows two groups) or when it is taken."""
+
+    def __init__(self, groups: list[list[Path]], prepare, ahead: bool = True):
+        self._groups, self._prepare, self._ahead = groups, prepare, ahead
+        self._read = 0  # groups whose reading has started
+        self._pending: deque = deque()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lacuna-masks")
+        self._start_next()
+
+    def __enter__(self) -> "MaskReader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def read_next(self) -> None:
+        """Start reading the next group when reading ahead, unless one is read already
+        or there is none."""
+        if self._ahead:
+            self._start_next()
+
+    def take(self):
+        """The next group's ``prepare`` result (waits for it; starts reading it first
+        if :meth:`read_next` did not)."""
+        self._start_next()
+        return self._pending.popleft().result()
+
+    def _start_next(self) -> None:
+        if not self._pending and self._read < len(self._groups):
+            self._pending.append(self._pool.submit(self._prepare, self._groups[self._read]))
+            self._read += 1
