@@ -193,7 +193,7 @@ def test_compiled_kernels_are_cached_in_the_user_cache_not_beside_the_code(tmp_p
     code = tmp_path / "installed"
     code.mkdir()
     (code / "tiny_kernel.py").write_text(
-        "from lacuna.analysis.compiled_primitives import compile_kernel\n\n\n"
+        "from lacuna.core.compiled import compile_kernel\n\n\n"
         "@compile_kernel\ndef double(x):\n    return 2 * x\n"
     )
     env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}

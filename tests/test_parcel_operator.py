@@ -212,3 +212,13 @@ def test_a_corrupt_or_unwritable_cache_only_costs_a_rebuild(isolated_data_dir, m
     blocked.write_text("a file where the cache folder would be")
     monkeypatch.setenv("LACUNA_DATA_DIR", str(blocked))
     np.testing.assert_array_equal(ParcelOperator(SOURCE, image).apply(values, "mean"), expected)
+
+
+def test_cache_keys_tell_memory_layouts_apart():
+    from lacuna.core.derived_arrays import digest
+
+    c_ordered = np.arange(6, dtype=np.int32).reshape(2, 3)
+    same_bytes_other_values = np.ndarray((2, 3), dtype=np.int32, buffer=c_ordered.tobytes(), order="F")
+    assert not np.array_equal(c_ordered, same_bytes_other_values)
+    assert digest(c_ordered) != digest(same_bytes_other_values)
+    assert digest(c_ordered) == digest(c_ordered.copy())

@@ -1,7 +1,5 @@
 """Low-level building blocks of the compiled kernels (numba and LLVM).
 
-- :func:`compile_kernel` (from :mod:`lacuna.core.compiled`): numba's ``njit`` without the
-  GIL, cached on disk when it can be;
 - intrinsics that numba has no spelling for: float16 widening, cache prefetch, the
   exponent and mantissa of a float32 (for a vectorised logarithm), an array over a raw
   address;
@@ -26,7 +24,6 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic
 
-from lacuna.core.compiled import compile_kernel, kernel_cache_dir  # noqa: F401 (re-exported)
 
 
 @intrinsic

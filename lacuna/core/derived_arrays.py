@@ -32,8 +32,9 @@ def digest(*parts) -> str:
     hasher = hashlib.sha256()
     for part in parts:
         if isinstance(part, np.ndarray):
-            hasher.update(f"array {part.dtype.str} {part.shape}\n".encode())
-            hasher.update(np.ascontiguousarray(part).data)
+            order = "F" if part.flags.f_contiguous and not part.flags.c_contiguous else "C"
+            hasher.update(f"array {part.dtype.str} {part.shape} {order}\n".encode())
+            hasher.update(part.ravel(order=order).data)  # a contiguous array is not copied
         elif isinstance(part, bytes):
             hasher.update(b"bytes %d\n" % len(part))
             hasher.update(part)

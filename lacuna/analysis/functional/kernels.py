@@ -24,12 +24,12 @@ from numba import types
 from numba.extending import overload
 
 from lacuna.analysis.functional import statistics_kernels
+from lacuna.core.compiled import compile_kernel
 from lacuna.analysis.compiled_primitives import (
     array_like,
     binary_exponent,
     blas_sgemm,
     call_sgemm,
-    compile_kernel,
     half_to_single,
     prefetch,
     reduced_mantissa,

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from lacuna.analysis.compiled_primitives import compile_kernel
+from lacuna.core.compiled import compile_kernel
 
 
 @compile_kernel

@@ -26,7 +26,8 @@ import math
 import numba
 import numpy as np
 
-from lacuna.analysis.compiled_primitives import compile_kernel, kernel_cache_dir, prefetch
+from lacuna.analysis.compiled_primitives import prefetch
+from lacuna.core.compiled import compile_kernel, kernel_cache_dir
 
 
 #: Voxels transposed at a time by :func:`residualise_block`.

@@ -125,10 +125,11 @@ _WHOLE_READ_BYTES = 256 << 20
 
 
 def _load_nifti(path: Path) -> nib.Nifti1Image:
-    """``nib.load(path)``, but a ``.nii.gz`` label image is decompressed in one piece by
+    """``nib.load(path)``, but the data of a ``.nii.gz`` file up to
+    :data:`_WHOLE_READ_BYTES` is decompressed in one piece by
     :func:`~lacuna.core.compression.gunzip_bytes` (ISA-L: a 1 mm atlas in a third of
-    zlib's time, on the way to the first mask). Large 4-D atlases stream through
-    nibabel, which never holds the file and the array at once."""
+    zlib's time, on the way to the first mask). Larger (4-D) atlases stream through
+    nibabel, which never holds the decompressed file and the array at once."""
     img = nib.load(path)
     size = int(np.prod(img.shape)) * img.get_data_dtype().itemsize
     if not path.name.endswith(".nii.gz") or size > _WHOLE_READ_BYTES:
