@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 
 from lacuna.bids.dataset import initialise_derivatives
 from lacuna.bids.integrity import output_problems, recorded_input_sha256
@@ -212,14 +213,15 @@ def write_voxel_maps(subject: SubjectData, output_dir: str | Path, analysis_name
     return new
 
 
-def parcel_columns(columns: list[ParcelData]) -> dict[str, list]:
-    """Columns of one parcellation's table: ``index``, ``name``, then one per measure."""
+def parcel_columns(columns: list[ParcelData]) -> dict[str, list | np.ndarray]:
+    """Columns of one parcellation's table: ``index``, ``name``, then one per measure
+    (float64 arrays: written in one call each, see :func:`~lacuna.core.tsv.tsv_bytes`)."""
     first = columns[0]
     table = {"index": list(first.region_ids), "name": list(first.region_names)}
     for column in columns:
         if list(column.region_ids) != list(first.region_ids):
             raise ValueError(f"measures of {first.parcellation} disagree on the regions")
-        table[column.measure] = [float(value) for value in column.values]
+        table[column.measure] = np.asarray(column.values, dtype=np.float64)
     return table
 
 

@@ -36,9 +36,12 @@ class Grid:
 
     def matches(self, other: "Grid") -> bool:
         """Whether both grids have the same shape and affine (within tolerance)."""
-        return self.shape == other.shape and bool(
-            np.allclose(self.affine, other.affine, atol=AFFINE_TOLERANCE_MM)
-        )
+        if self.shape != other.shape:
+            return False
+        mine, theirs = np.asarray(self.affine, dtype=float), np.asarray(other.affine, dtype=float)
+        if mine.shape == theirs.shape and mine.tobytes() == theirs.tobytes():
+            return True  # the same affine (the usual case: a run's maps share one grid)
+        return bool(np.allclose(mine, theirs, atol=AFFINE_TOLERANCE_MM))
 
     def describe(self) -> str:
         """Short human-readable description: shape, signed voxel axes (the affine's

@@ -42,11 +42,13 @@ def image_bytes(img: nib.Nifti1Image, name: str) -> bytes:
     return gzip_bytes(raw) if str(name).endswith(".gz") else raw
 
 
-def float_map_bytes(data: np.ndarray, affine: np.ndarray, name: str, stored_values: bool = False) -> bytes:
+def float_map_bytes(data: np.ndarray, affine: np.ndarray, name: str, stored_values: bool = False) -> bytes | memoryview:
     """The bytes of :func:`float_map_image` of ``data`` written as ``name``, with the
     header made once per (shape, affine); with ``stored_values``, a ``.gz`` file keeps
     the values uncompressed and deflates only runs of one value
-    (:func:`lacuna.core.map_gzip.gzip_map_bytes`, for maps dense in values)."""
+    (:func:`lacuna.core.map_gzip.gzip_map_bytes`, for maps dense in values). Maps
+    stored that way, and uncompressed ``.nii`` files, come as a read-only view of the
+    bytes, not a copy."""
     data = np.asarray(data, dtype=np.float32)
     if data.ndim != 3:
         return image_bytes(float_map_image(data, affine), name)
@@ -59,7 +61,7 @@ def float_map_bytes(data: np.ndarray, affine: np.ndarray, name: str, stored_valu
     raw = np.empty(len(header) + data.nbytes, dtype=np.uint8)
     raw[: len(header)] = np.frombuffer(header, dtype=np.uint8)
     np.ndarray(data.shape, dtype=np.float32, buffer=raw, offset=len(header), order="F")[...] = data
-    return gzip_bytes(raw) if str(name).endswith(".gz") else raw.tobytes()
+    return gzip_bytes(raw) if str(name).endswith(".gz") else raw.data.toreadonly()
 
 
 def _header_prefix(shape: tuple[int, ...], affine: np.ndarray) -> bytes:

@@ -84,8 +84,9 @@ class VoxelMap:
         """The map as a float32 NIfTI image with millimetre units."""
         return float_map_image(self.data, self.affine)
 
-    def file_bytes(self, name: str) -> bytes:
-        """The bytes of :meth:`to_nifti` written as ``name`` (``.nii`` or ``.nii.gz``)."""
+    def file_bytes(self, name: str) -> bytes | memoryview:
+        """The bytes of :meth:`to_nifti` written as ``name`` (``.nii`` or ``.nii.gz``), as
+        ``bytes`` or a read-only view (see :func:`~lacuna.core.nifti_files.float_map_bytes`)."""
         return float_map_bytes(self.data, self.affine, name, stored_values=self.dense)
 
     def sidecar(self) -> dict:

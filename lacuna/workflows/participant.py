@@ -23,6 +23,7 @@ from lacuna.analysis.regional.damage import RegionalDamage
 from lacuna.workflows import messages
 from lacuna.workflows.config import RunConfig
 from lacuna.core.entities import mask_label, parse_entities
+from lacuna.workflows.name_check import NameCheck
 from lacuna.workflows.warm_up import MaskReader, WarmUp
 from lacuna.workflows.mask_selection import (
     MaskSource,
@@ -43,7 +44,6 @@ from lacuna.core.timing import PhaseTimes, Progress
 from lacuna.bids.dataset import initialise_derivatives
 from lacuna.bids.derivatives import export_bids_derivatives, outputs_complete, write_voxel_maps
 from lacuna.bids.inputs import declared_space
-from lacuna.bids.layout import walk_dataset
 from lacuna.bids.citation import write_citation
 from lacuna.bids.integrity import clear_crash_record, write_crash_record
 from lacuna.bids.names import MaskOutputs
@@ -90,27 +90,6 @@ class ParticipantSummary:
         ]
         lines += [f"  FAILED {o.path.name}: {o.message}" for o in self.failed]
         return "\n".join(lines)
-
-
-def report_bids_validation(bids_dir: Path, skip: set[Path]) -> list[str]:
-    """Check file names with the ``bids-validator`` package; a report, never a gate.
-
-    Returns the relative paths it does not accept (lesion masks named like derivatives
-    usually are among them; that is expected and does not stop the run).
-    """
-    from bids_validator import BIDSValidator
-
-    validator = BIDSValidator()
-    rejected = []
-    for path in walk_dataset(bids_dir, exclude=skip):  # without .bidsignore'd files, nested datasets
-        relative = "/" + path.relative_to(bids_dir).as_posix()
-        if not validator.is_bids(relative):
-            rejected.append(relative)
-    if rejected:
-        log.warning(messages.BIDS_VALIDATION_REPORT.format(n=len(rejected), examples=", ".join(rejected[:3])))
-    else:
-        log.info("bids-validator: all file names are valid BIDS")
-    return rejected
 
 
 def build_analyses(config: RunConfig) -> list[Analysis]:
@@ -292,12 +271,12 @@ def run_participant(config: RunConfig) -> ParticipantSummary:
         If the dataset is unusable or no mask is selected.
     """
     times = PhaseTimes()
-    with WarmUp() as warm_up:
+    skipped_folders = {p for p in (config.output_dir, config.work_dir) if p}
+    name_check = NameCheck(config.bids_dir, skipped_folders, enabled=not config.skip_bids_validation)
+    with WarmUp() as warm_up, name_check:
         with times.phase("dataset, atlases and connectomes"):
             check_bids_dataset(config.bids_dir, config.output_dir)
             sources = mask_sources(config)
-            if not config.skip_bids_validation:
-                report_bids_validation(config.bids_dir, {p for p in (config.output_dir, config.work_dir) if p})
             masks = select_masks(config, sources)
             log.info("selected %d mask(s)", len(masks))
             for folder in (config.output_dir, config.work_dir):
@@ -318,9 +297,10 @@ def run_participant(config: RunConfig) -> ParticipantSummary:
         # Lacuna parallelises the work itself; the libraries' own thread pools would
         # only compete with its threads (and OpenBLAS's spin for a while after each call).
         with single_threaded_libraries(), _mask_pool(config, len(masks), fingerprint) as pool:
-            if batch:
-                _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times)
+            if batch:  # the file names are checked during the first pass (see NameCheck)
+                _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times, name_check.start)
             else:
+                name_check.start()
                 _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times)
     summary.outcomes.sort(key=lambda o: str(o.path))
     _record_outcomes(config, sources, summary.outcomes)
@@ -353,7 +333,7 @@ def _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times) ->
             summary.outcomes.append(outcome)
 
 
-def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times) -> None:
+def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times, before_pass=lambda: None) -> None:
     """Masks in memory-sized groups: per-mask analyses, then one connectome pass per
     group and batch analysis for all its lesions. When the memory budget allows two
     groups of masks, the next group's are read and analysed on a background thread once
@@ -361,7 +341,9 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
     it). Each mask is finished (maps compressed,
     tables and provenance written) on background threads as soon as its last batch
     analysis yields it, while the next lesions are computed; nothing holds the maps of
-    more than a few masks."""
+    more than a few masks. ``before_pass`` is called before each group's pass: Python
+    work started there (the file-name report) runs while the pass leaves the GIL free,
+    instead of holding up the start."""
     per_pass = min(analysis.lesions_per_pass(extra_bytes=_MASK_BYTES) for analysis in batch)
     # Reading the next group ahead holds two groups of masks: only when the memory
     # budget allows it without smaller groups (more passes over a connectome larger
@@ -403,6 +385,7 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
                 record(outcome)
             log_outcome.group_done()
             release_free_heap()  # before the pass maps its subjects (see its docs)
+            before_pass()
             for position, analysis in enumerate(batch):
                 last = position == len(batch) - 1
                 kept = []

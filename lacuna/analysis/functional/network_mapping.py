@@ -46,6 +46,7 @@ import numpy as np
 from lacuna.analysis.functional import kernels as kernels
 from lacuna.analysis.base import BatchAnalysis, mask_coverage_box, voxel_maps_to_subject
 from lacuna.analysis.compiled_primitives import avx2_blas_on_avx512_cpu
+from lacuna.core.map_gzip import expect_constant
 from lacuna.core.memory import available_memory_bytes, default_memory_budget
 from lacuna.analysis.functional.engine import (
     GROUPS_IN_FLIGHT,
@@ -165,8 +166,12 @@ class FunctionalNetworkMapping(BatchAnalysis):
     def warm_up(self) -> None:
         """Load the compiled kernels for this connectome's stored types (from numba's
         cache, a few tenths of a second; compiled the first time, several seconds), so
-        that a pass does not stall on them midway."""
+        that a pass does not stall on them midway, and tell the map writer where the
+        maps hold their fill value (outside the connectome's brain mask)."""
         kernels.prepare({f.dtype for f in self.connectome.files})
+        outside = np.ones(int(np.prod(self.connectome.mask_shape)), dtype=bool)
+        outside[self.connectome.flat_indices_fortran] = False
+        expect_constant(outside)  # maps repeat their fill value there: written from a template
 
     @property
     def connectome_label(self) -> str:

@@ -11,24 +11,29 @@ import numpy as np
 from lacuna.core.compiled import compile_kernel
 
 
+def hermite_coefficients(step: float, values: np.ndarray, slopes: np.ndarray) -> np.ndarray:
+    """Power-basis coefficients (one row of four per piece) of the cubic Hermite
+    interpolant through knots ``k * step`` with the given ``values`` and ``slopes``: on
+    piece k, at ``u = x / step - k``, it is ``c0 + u (c1 + u (c2 + u c3))``."""
+    p0, p1 = values[:-1], values[1:]
+    m0, m1 = step * slopes[:-1], step * slopes[1:]
+    return np.ascontiguousarray(np.stack([p0, m0, 3 * (p1 - p0) - 2 * m0 - m1, 2 * (p0 - p1) + m0 + m1], axis=1))
+
+
 @compile_kernel
-def cubic_hermite(x, step, values, slopes, out):
-    """Evaluate the cubic Hermite interpolant through knots ``k * step`` with the given
-    ``values`` and ``slopes`` at each ``x`` (0 <= x <= (len(values) - 1) * step; beyond,
-    the last piece is extended)."""
-    last = values.size - 2
+def clipped_hermite(x, inverse_step, coefficients, out):
+    """``out = min(h(x), 0)`` for the interpolant ``h`` of :func:`hermite_coefficients`
+    (x >= 0; beyond the last knot the last piece is extended). Returns the largest x."""
+    last = coefficients.shape[0] - 1
+    largest = 0.0
     for i in range(x.size):
-        position = x[i] / step
+        position = x[i] * inverse_step
+        largest = max(largest, x[i])
         k = min(int(min(position, last)), last)
         u = position - k
-        u2 = u * u
-        u3 = u2 * u
-        out[i] = (
-            (2 * u3 - 3 * u2 + 1) * values[k]
-            + (u3 - 2 * u2 + u) * step * slopes[k]
-            + (3 * u2 - 2 * u3) * values[k + 1]
-            + (u3 - u2) * step * slopes[k + 1]
-        )
+        value = coefficients[k, 0] + u * (coefficients[k, 1] + u * (coefficients[k, 2] + u * coefficients[k, 3]))
+        out[i] = min(value, 0.0)
+    return largest
 
 
 @compile_kernel
@@ -98,7 +103,7 @@ def step_up_adjust(p, sorted_keys, shift, out):
 def prepare() -> None:
     """Compile (or load from numba's cache) every kernel of this module."""
     vector = np.ones(4)
-    cubic_hermite(vector, 0.5, vector, vector, np.empty(4))
+    clipped_hermite(vector, 2.0, np.ones((3, 4)), np.empty(4))
     keys = np.empty(4, dtype=np.uint64)
     shift = rank_keys(vector, keys)
     radix_sort_keys(keys, shift, np.empty_like(keys))

@@ -28,10 +28,12 @@ _SMALLEST_P = 1e-60
 
 @dataclass(frozen=True)
 class _LogPTable:
-    """log p at knots k * _STEP of x = log(1 + |t|), with d(log p)/dx."""
+    """log p at knots k * _STEP of x = log(1 + |t|), with d(log p)/dx, and the
+    coefficients of the cubic Hermite pieces between them."""
 
     values: np.ndarray
     slopes: np.ndarray
+    coefficients: np.ndarray  # of the interpolant's pieces (statistics_kernels.hermite_coefficients)
 
     @property
     def x_max(self) -> float:
@@ -56,7 +58,8 @@ def _table(df: float) -> _LogPTable:
     )
     # d log p / dt = -2 f(t) / p, and dt/dx = 1 + t.
     slopes = -2.0 * np.exp(log_density - np.log(p)) * (1.0 + t)
-    return _LogPTable(np.log(p), slopes)
+    log_p = np.log(p)
+    return _LogPTable(log_p, slopes, statistics_kernels.hermite_coefficients(_STEP, log_p, slopes))
 
 
 def two_sided_p(abs_t: np.ndarray, df) -> np.ndarray:
@@ -86,12 +89,12 @@ def two_sided_p(abs_t: np.ndarray, df) -> np.ndarray:
 
 def _two_sided_p_one_df(abs_t: np.ndarray, df: float) -> np.ndarray:
     table = _table(df)
-    x = np.log1p(abs_t)
-    log_p = np.empty(x.shape)
-    statistics_kernels.cubic_hermite(np.ascontiguousarray(x).ravel(), _STEP, table.values, table.slopes, log_p.ravel())
-    p = np.exp(np.minimum(log_p, 0.0, out=log_p), out=log_p)
-    beyond = x > table.x_max
-    if beyond.any():  # p < 1e-60 there: computed exactly
+    x = np.ascontiguousarray(np.log1p(abs_t))
+    p = np.empty(x.shape)
+    largest = statistics_kernels.clipped_hermite(x.reshape(-1), 1.0 / _STEP, table.coefficients, p.reshape(-1))
+    np.exp(p, out=p)
+    if largest > table.x_max:  # p < 1e-60 there: computed exactly
+        beyond = x > table.x_max
         p[beyond] = _exact_two_sided_p(abs_t[beyond], df)
     return p
 
