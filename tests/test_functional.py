@@ -381,3 +381,20 @@ def test_pass_with_many_blocks_and_groups_in_flight_matches_numpy(tmp_path, monk
         np.testing.assert_allclose(sums.shift[lesion] + sums.sum_dz[lesion] / 11, z.mean(axis=0), atol=1e-5)
         deviations = z - sums.shift[lesion]
         np.testing.assert_allclose(sums.sum_dz2[lesion], (deviations**2).sum(axis=0), atol=1e-4)
+
+
+def test_a_pass_taking_over_earlier_sums_matches_a_fresh_pass(tmp_path):
+    """Sums of an earlier pass (more lesions, values left in them) handed to the next
+    pass are zeroed and reused in place: the result equals a pass with new sums."""
+    from lacuna.analysis.functional import engine as engine
+
+    data = _timeseries(7, 30, seed=12)
+    connectome = FunctionalConnectome.open(_write(tmp_path / "c.h5", data))
+    earlier, _ = engine.stream_fisher_z(connectome, engine.SeedDefinition.means([np.arange(5, 9), np.arange(100, 120), np.arange(300, 301)]))
+    seeds = engine.SeedDefinition.means([np.arange(40, 60), np.arange(700, 705)])
+    fresh, _ = engine.stream_fisher_z(connectome, seeds)
+    reused, _ = engine.stream_fisher_z(connectome, seeds, reuse=earlier)
+    assert np.shares_memory(reused.sum_dz, earlier.sum_dz) and reused.sum_dz.shape == fresh.sum_dz.shape
+    for name in ("shift", "sum_dz", "sum_dz2"):
+        np.testing.assert_array_equal(getattr(reused, name), getattr(fresh, name))
+    assert reused.n_subjects == fresh.n_subjects == 7

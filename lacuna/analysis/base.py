@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 
 import nibabel as nib
 import numpy as np
@@ -117,6 +118,12 @@ class BatchAnalysis(Analysis):
     def lesions_per_pass(self, extra_bytes: int = 0) -> int:
         """Lesions one pass can take within the memory budget, counting ``extra_bytes``
         more per lesion held by the caller."""
+
+    def buffers_kept(self):
+        """A context within which the analysis may keep its working memory from one
+        :meth:`iter_batch` call to the next (a cohort mapped group by group); a no-op
+        here."""
+        return nullcontext()
 
     def run(self, subject: SubjectData) -> SubjectData:
         return self.run_batch([subject])[0]

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -366,7 +366,9 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
         return start, prepared
 
     groups = _balanced_groups(masks, per_pass) if masks else []
-    with _BackgroundFinisher(config, fingerprint, times) as finisher, MaskReader(groups, prepare_group, read_ahead) as reader:
+    with ExitStack() as kept, _BackgroundFinisher(config, fingerprint, times) as finisher, MaskReader(groups, prepare_group, read_ahead) as reader:
+        for analysis in batch:  # their memory, from one group's pass to the next
+            kept.enter_context(analysis.buffers_kept())
         with times.phase("loading compiled kernels"):  # while the first masks are read
             for analysis in batch:
                 analysis.warm_up()

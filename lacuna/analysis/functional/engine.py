@@ -145,10 +145,19 @@ class FisherZSums:
     excluded_seeds: np.ndarray = field(default=None)
 
     @classmethod
-    def zeros(cls, n_lesions: int, n_voxels: int) -> "FisherZSums":
+    def zeros(cls, n_lesions: int, n_voxels: int, reuse: "FisherZSums | None" = None) -> "FisherZSums":
         """Empty sums, their memory faulted in now (see
-        :func:`~lacuna.core.memory.zeros_on_small_pages`)."""
+        :func:`~lacuna.core.memory.zeros_on_small_pages`). With ``reuse`` (the sums of
+        an earlier pass, of as many voxels and at least as many lesions, no longer
+        read), its memory is zeroed and taken over instead: faulting in fresh pages
+        costs seven times as long as zeroing mapped ones (30 ms for 94 MB here), and
+        freeing them costs as much again."""
         shape = (n_lesions, n_voxels)
+        if reuse is not None and reuse.shift.shape[1] == n_voxels and reuse.shift.shape[0] >= n_lesions:
+            arrays = [array[:n_lesions] for array in (reuse.shift, reuse.sum_dz, reuse.sum_dz2)]
+            for array in arrays:
+                array.fill(0)
+            return cls(*arrays, excluded_seeds=np.zeros(n_lesions, dtype=np.int64))
         return cls(
             zeros_on_small_pages(shape, np.float32),
             zeros_on_small_pages(shape, np.float64),
@@ -331,6 +340,7 @@ def stream_fisher_z(
     seeds: SeedDefinition,
     progress: Callable[[int, int, float], None] | None = None,
     memory_bytes: int = 1 << 30,
+    reuse: FisherZSums | None = None,
 ) -> tuple[FisherZSums, PassTiming]:
     """One pass over ``connectome`` accumulating Fisher-z sums for every seed.
 
@@ -344,10 +354,13 @@ def stream_fisher_z(
         Called as ``progress(done, total, seconds)`` after each group of subjects.
     memory_bytes : int
         Memory for the subjects in flight; sets the group size.
+    reuse : FisherZSums, optional
+        Sums of an earlier pass whose memory the new sums may take over (see
+        :meth:`FisherZSums.zeros`).
     """
     n_lesions, n_voxels = seeds.n_lesions, connectome.n_voxels
     n_timepoints = connectome.files[0].n_timepoints
-    sums = FisherZSums.zeros(n_lesions, n_voxels)
+    sums = FisherZSums.zeros(n_lesions, n_voxels, reuse)
     timing = PassTiming()
     threads = worker_threads()
     mapper = _BlockMapper(sums, n_timepoints, threads)

@@ -37,6 +37,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ from lacuna.analysis.functional.engine import (
     GROUPS_IN_FLIGHT,
     MAX_GROUP,
     R_MAX,
+    FisherZSums,
     PassTiming,
     SeedDefinition,
     pini_selection,
@@ -157,6 +159,8 @@ class FunctionalNetworkMapping(BatchAnalysis):
         self._budget_is_default = not memory_budget_gb
         self.return_in_input_space = return_in_input_space
         self.last_timing: list[PassTiming] = []
+        self._keep_sums = False
+        self._spare_sums: FisherZSums | None = None
         if avx2_blas_on_avx512_cpu():
             log.info(
                 "OpenBLAS uses its AVX2 kernels on this AVX-512 CPU; setting OPENBLAS_CORETYPE=SkylakeX "
@@ -291,9 +295,11 @@ class FunctionalNetworkMapping(BatchAnalysis):
             log.info("%s: PINI voxel selection for %d lesion(s)", self.connectome.name, len(chunk))
             columns = pini_selection(self.connectome, columns, self.pini_percentile, self._progress("PINI selection"))
         log.info("%s: mapping %d lesion(s) over %d subjects", self.connectome.name, len(chunk), self.connectome.n_subjects)
+        spare, self._spare_sums = self._spare_sums, None
         sums, timing = stream_fisher_z(
-            self.connectome, SeedDefinition.means(columns), self._progress("fLNM"), self._subjects_memory()
+            self.connectome, SeedDefinition.means(columns), self._progress("fLNM"), self._subjects_memory(), spare
         )
+        del spare
         self.last_timing.append(timing)
 
         def lesion_results(row: int) -> dict[str, Result]:
@@ -311,6 +317,20 @@ class FunctionalNetworkMapping(BatchAnalysis):
                     f"seed from {used.size} of {lesion.columns.size} lesion voxels in the mask ({self.method})"
                 )
                 yield lesion.index, lesion.subject.with_results(self.name, results, lesion.step.finish())
+        if self._keep_sums:  # every lesion's statistics are done: the next pass may take the memory
+            self._spare_sums = sums
+
+    @contextmanager
+    def buffers_kept(self):
+        """Within the block, the memory of a pass's running sums is kept for the next
+        pass (of this analysis) once the pass's statistics are done, instead of being
+        freed and faulted in anew; it is released when the block ends."""
+        self._keep_sums = True
+        try:
+            yield
+        finally:
+            self._keep_sums = False
+            self._spare_sums = None
 
     def _statistics(self, sums, row: int):
         n = sums.n if sums.missing is None else sums.n[row]
