@@ -155,3 +155,15 @@ def test_the_gzip_command_reads_a_templated_map(tmp_path):
         path.write_bytes(float_map_bytes(volume, grid.affine, path.name, stored_values=True))
         subprocess.run(["gzip", "-t", str(path)], check=True)
         np.testing.assert_array_equal(np.asanyarray(nib.load(path).dataobj), volume)
+
+
+def test_prepare_loads_the_kernels_without_announcing_runs():
+    from lacuna.core import map_gzip
+
+    before = {size: list(known) for size, known in map_gzip._EXPECTED.items()}
+    map_gzip.prepare()
+    map_gzip.prepare()  # returns at once
+    assert {size: list(known) for size, known in map_gzip._EXPECTED.items()} == before
+    volume = np.zeros((4, 4, 4), dtype=np.float32, order="F")
+    volume[1:3, 1:3, 1:3] = 0.25
+    assert zlib.decompress(gzip_map_bytes(b"h", volume), wbits=31) == b"h" + volume.tobytes(order="F")

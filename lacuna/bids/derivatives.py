@@ -215,9 +215,10 @@ def write_voxel_maps(subject: SubjectData, output_dir: str | Path, analysis_name
 
 def parcel_columns(columns: list[ParcelData]) -> dict[str, list | np.ndarray]:
     """Columns of one parcellation's table: ``index``, ``name``, then one per measure
-    (float64 arrays: written in one call each, see :func:`~lacuna.core.tsv.tsv_bytes`)."""
+    (numeric columns as arrays: written in one call each, see
+    :func:`~lacuna.core.tsv.tsv_bytes`)."""
     first = columns[0]
-    table = {"index": list(first.region_ids), "name": list(first.region_names)}
+    table = {"index": np.asarray(first.region_ids, dtype=np.int64), "name": list(first.region_names)}
     for column in columns:
         if list(column.region_ids) != list(first.region_ids):
             raise ValueError(f"measures of {first.parcellation} disagree on the regions")

@@ -283,11 +283,11 @@ class _Template:
     @classmethod
     def of(cls, stream: np.ndarray, payloads: np.ndarray) -> "_Template":
         """The template of a planned ``stream`` whose stored contents are ``payloads``."""
+        starts, sizes = payloads[:, 0], payloads[:, 2]
+        before = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # payload bytes before each
         keep = np.ones(stream.size, dtype=bool)
-        for start, _, size in payloads:
-            keep[start : start + size] = False
-        before = np.concatenate([[0], np.cumsum(payloads[:, 2])[:-1]])
-        return cls(stream[keep], payloads[:, 0] - before, payloads[:, 1].copy(), payloads[:, 2].copy())
+        keep[np.repeat(starts - before, sizes) + np.arange(int(sizes.sum()))] = False
+        return cls(stream[keep], starts - before, payloads[:, 1].copy(), sizes.copy())
 
 
 class _ExpectedRuns:
@@ -346,10 +346,7 @@ def expect_constant(outside: np.ndarray) -> None:
     bytes either way (runs elsewhere in a passing map are then stored, not deflated).
     """
     flat = np.asarray(outside, dtype=bool).reshape(-1)
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], flat, [False]]).astype(np.int8)))
-    first, stop = edges[0::2], edges[1::2]
-    long_enough = stop - first >= MIN_RUN_VOXELS
-    expected = _ExpectedRuns(first[long_enough].astype(np.int64), stop[long_enough].astype(np.int64), flat.size)
+    expected = _ExpectedRuns(*_long_runs(flat), flat.size)
     with _EXPECTED_LOCK:
         known = _EXPECTED.setdefault(flat.size, [])
         if any(np.array_equal(e.run_first, expected.run_first) and np.array_equal(e.run_stop, expected.run_stop) for e in known):
@@ -358,12 +355,44 @@ def expect_constant(outside: np.ndarray) -> None:
         del known[_EXPECTED_MAX:]
 
 
-def _raw_deflate(head: np.ndarray, data: np.ndarray, words: np.ndarray, out: np.ndarray) -> int:
+_PREPARED = threading.Event()
+
+
+def prepare() -> None:
+    """Load every kernel of the encoder now (from numba's cache: tens of milliseconds
+    each, holding the GIL), with the argument types of real maps; later calls return at
+    once. Run it where the GIL is free, e.g. on a thread during a connectome pass."""
+    if _PREPARED.is_set():
+        return
+    volume = np.zeros((4, 4, 4), dtype=np.float32, order="F")
+    volume[1:3, 1:3, 1:3] = 0.5
+    outside = (volume == 0).reshape(-1, order="F")
+    expected = _ExpectedRuns(*_long_runs(outside), outside.size)
+    for _ in range(2):  # the stream planned, then filled from its template
+        _encode(b"header", volume, [expected])
+    _encode(b"header", np.ones_like(volume), [expected])  # the runs differ: searched for
+    _PREPARED.set()
+
+
+def prepare_in_background() -> None:
+    """:func:`prepare` on a thread of its own (nothing when already done)."""
+    if not _PREPARED.is_set():
+        threading.Thread(target=prepare, name="lacuna-encoder-warm-up", daemon=True).start()
+
+
+def _long_runs(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and stop indices of the runs of True in ``flat`` at least
+    :data:`MIN_RUN_VOXELS` long."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], flat, [False]]).astype(np.int8)))
+    first, stop = edges[0::2], edges[1::2]
+    long_enough = stop - first >= MIN_RUN_VOXELS
+    return first[long_enough].astype(np.int64), stop[long_enough].astype(np.int64)
+
+
+def _raw_deflate(head: np.ndarray, data: np.ndarray, words: np.ndarray, out: np.ndarray, candidates) -> int:
     """The raw deflate stream of ``head`` then ``data`` into ``out``: from a template
-    where the map holds the runs it was expected to (:func:`expect_constant`), else by
-    finding its runs."""
-    with _EXPECTED_LOCK:
-        candidates = list(_EXPECTED.get(words.size, ()))
+    where the map holds the runs one of the ``candidates`` (:class:`_ExpectedRuns`)
+    expects, else by finding its runs."""
     for expected in candidates:
         size = expected.deflate(head, data, words, out)
         if size >= 0:
@@ -381,6 +410,12 @@ def gzip_map_bytes(prefix: bytes, voxels: np.ndarray) -> memoryview:
     is built in place, trailer included: a map is not copied after it is encoded.
     """
     voxels = np.asarray(voxels)
+    with _EXPECTED_LOCK:
+        candidates = list(_EXPECTED.get(voxels.size, ()))
+    return _encode(prefix, voxels, candidates)
+
+
+def _encode(prefix: bytes, voxels: np.ndarray, candidates) -> memoryview:
     if voxels.dtype.itemsize != 4 or not (voxels.flags.c_contiguous or voxels.flags.f_contiguous):
         raise ValueError("gzip_map_bytes needs a contiguous array of 4-byte values")
     words = voxels.reshape(-1, order="A").view(np.uint32)
@@ -391,7 +426,7 @@ def gzip_map_bytes(prefix: bytes, voxels: np.ndarray) -> memoryview:
     out = np.empty(len(_GZIP_HEADER) + total + 5 * (total // _STORED_MAX + 3) + 16, dtype=np.uint8)
     start = len(_GZIP_HEADER)
     out[:start] = np.frombuffer(_GZIP_HEADER, dtype=np.uint8)
-    end = start + _raw_deflate(head, data, words, out[start:])
+    end = start + _raw_deflate(head, data, words, out[start:], candidates)
     checksum = crc32(data, crc32(head))
     out[end : end + 8] = np.frombuffer(struct.pack("<II", checksum & 0xFFFFFFFF, total & 0xFFFFFFFF), dtype=np.uint8)
     member = out[: end + 8]

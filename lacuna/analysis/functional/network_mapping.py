@@ -47,7 +47,7 @@ import numpy as np
 from lacuna.analysis.functional import kernels as kernels
 from lacuna.analysis.base import BatchAnalysis, mask_coverage_box, voxel_maps_to_subject
 from lacuna.analysis.compiled_primitives import avx2_blas_on_avx512_cpu
-from lacuna.core.map_gzip import expect_constant
+from lacuna.core import map_gzip
 from lacuna.core.memory import available_memory_bytes, default_memory_budget
 from lacuna.analysis.functional.engine import (
     GROUPS_IN_FLIGHT,
@@ -175,7 +175,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
         kernels.prepare({f.dtype for f in self.connectome.files})
         outside = np.ones(int(np.prod(self.connectome.mask_shape)), dtype=bool)
         outside[self.connectome.flat_indices_fortran] = False
-        expect_constant(outside)  # maps repeat their fill value there: written from a template
+        map_gzip.expect_constant(outside)  # maps repeat their fill value there: written from a template
 
     @property
     def connectome_label(self) -> str:
@@ -295,6 +295,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
             log.info("%s: PINI voxel selection for %d lesion(s)", self.connectome.name, len(chunk))
             columns = pini_selection(self.connectome, columns, self.pini_percentile, self._progress("PINI selection"))
         log.info("%s: mapping %d lesion(s) over %d subjects", self.connectome.name, len(chunk), self.connectome.n_subjects)
+        map_gzip.prepare_in_background()  # the writer's kernels load while the pass leaves the GIL free
         spare, self._spare_sums = self._spare_sums, None
         sums, timing = stream_fisher_z(
             self.connectome, SeedDefinition.means(columns), self._progress("fLNM"), self._subjects_memory(), spare
