@@ -110,9 +110,16 @@ class BatchAnalysis(Analysis):
     error as soon as it is ready, and :meth:`lesions_per_pass` for memory planning.
     """
 
+    #: Whether :meth:`iter_batch` runs ``finish`` on worker threads of its own, lesions
+    #: in parallel (callers then hand it their per-lesion work rather than doing it
+    #: themselves after each yield).
+    finishes_on_workers = False
+
     @abstractmethod
-    def iter_batch(self, subjects: list[SubjectData]):
-        """Yield ``(index, SubjectData | Exception)`` for every subject."""
+    def iter_batch(self, subjects: list[SubjectData], finish=None):
+        """Yield ``(index, SubjectData | Exception)`` for every subject; with ``finish``,
+        ``(index, finish(subject))`` instead (an exception ``finish`` raises is yielded
+        as the subject's error)."""
 
     @abstractmethod
     def lesions_per_pass(self, extra_bytes: int = 0) -> int:

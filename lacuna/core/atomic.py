@@ -136,8 +136,21 @@ def _process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        pass
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited but is not reaped yet (Linux; False elsewhere). A
+    killed run's orphaned workers stay so for as long as the process that adopts them
+    does not wait for them (a container's first process often never does); they write
+    nothing any more."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return False
+    fields = stat.rsplit(")", 1)[-1].split()
+    return bool(fields) and fields[0] == "Z"
 
 
 def is_stale_temporary(path: Path) -> bool:

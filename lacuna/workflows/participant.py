@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -338,10 +339,11 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
     group and batch analysis for all its lesions. When the memory budget allows two
     groups of masks, the next group's are read and analysed on a background thread once
     this group's pass is done (during the pass, when memory peaks, they would add to
-    it). Each mask is finished (maps compressed,
-    tables and provenance written) on background threads as soon as its last batch
-    analysis yields it, while the next lesions are computed; nothing holds the maps of
-    more than a few masks. ``before_pass`` is called before each group's pass: Python
+    it). Each mask is finished (maps compressed, tables and provenance written) as
+    soon as its last batch analysis has its maps: on that analysis' worker threads
+    where it has some (functional mapping: statistics, maps and files of a lesion on
+    one thread, lesions in parallel), else on background threads while the next
+    lesions are computed; nothing holds the maps of more than a few masks. ``before_pass`` is called before each group's pass: Python
     work started there (the file-name report) runs while the pass leaves the GIL free,
     instead of holding up the start."""
     per_pass = min(analysis.lesions_per_pass(extra_bytes=_MASK_BYTES) for analysis in batch)
@@ -366,9 +368,9 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
         return start, prepared
 
     groups = _balanced_groups(masks, per_pass) if masks else []
-    with ExitStack() as kept, _BackgroundFinisher(config, fingerprint, times) as finisher, MaskReader(groups, prepare_group, read_ahead) as reader:
+    with ExitStack() as buffers, _BackgroundFinisher(config, fingerprint, times) as finisher, MaskReader(groups, prepare_group, read_ahead) as reader:
         for analysis in batch:  # their memory, from one group's pass to the next
-            kept.enter_context(analysis.buffers_kept())
+            buffers.enter_context(analysis.buffers_kept())
         with times.phase("loading compiled kernels"):  # while the first masks are read
             for analysis in batch:
                 analysis.warm_up()
@@ -390,10 +392,13 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
             before_pass()
             for position, analysis in enumerate(batch):
                 last = position == len(batch) - 1
+                finish = finisher.finish_now(start) if last else None
                 kept = []
-                for subject in _map_batch(config, analysis, follow_ups[position], subjects, record, times):
+                for subject in _map_batch(config, analysis, follow_ups[position], subjects, record, times, finish):
                     reader.read_next()  # the pass is done
-                    if last:
+                    if isinstance(subject, MaskOutcome):  # finished on the analysis' threads
+                        record(subject)
+                    elif last:
                         for outcome in finisher.submit(subject, start):
                             record(outcome)
                     else:
@@ -415,31 +420,46 @@ def _balanced_groups(masks: list[Path], most: int) -> list[list[Path]]:
     return [masks[first : first + size] for first in range(0, len(masks), size)]
 
 
-def _map_batch(config, analysis, follow_ups, subjects, record, times) -> Iterator[SubjectData]:
+def _map_batch(config, analysis, follow_ups, subjects, record, times, finish=None) -> Iterator[SubjectData | MaskOutcome]:
     """Map a group's lesions with one batch analysis; yield each subject with its
     results (and the follow-up parcel tables) as soon as it is ready, and ``record`` the
-    failure of each lesion that cannot be mapped."""
+    failure of each lesion that cannot be mapped. With ``finish`` (subject -> outcome)
+    and an analysis that finishes lesions on its own worker threads, the follow-ups and
+    ``finish`` run there, in parallel, and the outcomes are yielded."""
     start = time.perf_counter()
-    outcomes = analysis.iter_batch(subjects)
+
+    def completed(subject: SubjectData) -> SubjectData | MaskOutcome:
+        try:
+            with times.phase("parcel aggregation"):
+                for follow_up in follow_ups:
+                    subject = follow_up.run(subject)
+            if config.output_space == "input":
+                with times.phase("maps to the input space"):
+                    subject = _maps_to_input_space(subject, analysis.name)
+        except Exception as exc:
+            return _failure(Path(subject.metadata["source_path"]), exc, start)
+        return subject
+
+    def finished(subject: SubjectData) -> MaskOutcome:
+        subject = completed(subject)
+        return subject if isinstance(subject, MaskOutcome) else finish(subject)
+
+    on_workers = finish is not None and analysis.finishes_on_workers
+    outcomes = analysis.iter_batch(subjects, finished) if on_workers else analysis.iter_batch(subjects)
     while True:
         with times.phase(f"{analysis.name} (pass, statistics, maps)"):
             item = next(outcomes, None)
         if item is None:
             return
         index, outcome = item
-        path = Path(subjects[index].metadata["source_path"])
-        try:
-            if isinstance(outcome, Exception):
-                raise outcome
-            with times.phase("parcel aggregation"):
-                for follow_up in follow_ups:
-                    outcome = follow_up.run(outcome)
-            if config.output_space == "input":
-                with times.phase("maps to the input space"):
-                    outcome = _maps_to_input_space(outcome, analysis.name)
-        except Exception as exc:
-            record(_failure(path, exc, start))
+        if isinstance(outcome, Exception):
+            record(_failure(Path(subjects[index].metadata["source_path"]), outcome, start))
             continue
+        if not on_workers:
+            outcome = completed(outcome)
+            if isinstance(outcome, MaskOutcome):
+                record(outcome)
+                continue
         yield outcome
 
 
@@ -469,6 +489,11 @@ class _BackgroundFinisher:
         outcome = finish_mask(subject, self._config, self._fingerprint, start)
         self._times.add("writing outputs (background threads)", time.perf_counter() - began)
         return outcome
+
+    def finish_now(self, start: float):
+        """:func:`finish_mask` on the calling thread (for analyses that finish lesions on
+        worker threads of their own), timed with the background writing."""
+        return functools.partial(self._finish, start=start)
 
     def submit(self, subject: SubjectData, start: float) -> list[MaskOutcome]:
         """Queue a mask; returns the outcomes of the masks finished meanwhile."""

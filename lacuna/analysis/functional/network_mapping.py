@@ -200,12 +200,18 @@ class FunctionalNetworkMapping(BatchAnalysis):
     def input_files(self) -> list[InputFile]:
         return [InputFile.from_path(f"connectome:{self.connectome.name}", f.path) for f in self.connectome.files]
 
-    def iter_batch(self, subjects: list[SubjectData]) -> Iterator[tuple[int, SubjectData | Exception]]:
+    #: Statistics, maps and ``finish`` run on worker threads, a few lesions at a time.
+    finishes_on_workers = True
+
+    def iter_batch(self, subjects: list[SubjectData], finish=None) -> Iterator[tuple[int, object]]:
         """Yield ``(index, subject with results)`` or ``(index, error)`` per lesion.
 
         Lesions that cannot be mapped (other space, nothing inside the brain mask) come
         first as errors; the others follow chunk by chunk, each chunk one pass over the
-        connectome (two for ``pini``).
+        connectome (two for ``pini``). With ``finish``, each lesion's subject is handed
+        to it on the worker thread that made its maps, and ``(index, finish(subject))``
+        is yielded (in order): the caller's per-lesion work (tables, files) then runs
+        on all cores, with no hand-over to threads of its own.
         """
         self.warm_up()  # returns at once when done before
         lookup = self.connectome.voxel_lookup()
@@ -217,7 +223,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
             except Exception as exc:  # reported per lesion
                 yield index, exc
         for chunk in self._chunks(prepared):
-            yield from self._map_chunk(chunk)
+            yield from self._map_chunk(chunk, finish)
 
     def _prepare(self, index: int, subject: SubjectData, lookup: np.ndarray, step: ProvenanceStep) -> PreparedLesion:
         box, coverage = mask_coverage_box(subject, self.connectome.grid, self.connectome.space, step)
@@ -289,7 +295,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
         if chunk:
             yield chunk
 
-    def _map_chunk(self, chunk: list[PreparedLesion]) -> Iterator[tuple[int, SubjectData]]:
+    def _map_chunk(self, chunk: list[PreparedLesion], finish=None) -> Iterator[tuple[int, object]]:
         columns = [lesion.columns for lesion in chunk]
         if self.method == "pini":
             log.info("%s: PINI voxel selection for %d lesion(s)", self.connectome.name, len(chunk))
@@ -303,21 +309,26 @@ class FunctionalNetworkMapping(BatchAnalysis):
         del spare
         self.last_timing.append(timing)
 
-        def lesion_results(row: int) -> dict[str, Result]:
+        def lesion_outcome(row: int):
+            lesion, used = chunk[row], columns[row]
             statistics = self._statistics(sums, row)
-            return self._results(chunk[row], columns[row], statistics, int(sums.excluded_seeds[row]))
+            results = self._results(lesion, used, statistics, int(sums.excluded_seeds[row]))
+            if self.return_in_input_space:
+                results = voxel_maps_to_subject(results, lesion.subject, lesion.step)
+            lesion.step.notes.append(f"seed from {used.size} of {lesion.columns.size} lesion voxels in the mask ({self.method})")
+            subject = lesion.subject.with_results(self.name, results, lesion.step.finish())
+            if finish is None:
+                return subject
+            try:
+                return finish(subject)
+            except Exception as exc:  # reported per lesion
+                return exc
 
-        # Statistics and output volumes are built on all cores, a few lesions ahead.
+        # Statistics, maps (and ``finish``) run on all cores, a few lesions ahead.
         with ThreadPoolExecutor(max_workers=worker_threads()) as pool:
-            outputs = _ordered_map(pool, lesion_results, range(len(chunk)), ahead=2 * worker_threads())
-            for lesion, used, results in zip(chunk, columns, outputs):
-                if self.return_in_input_space:
-                    subject = lesion.subject
-                    results = voxel_maps_to_subject(results, subject, lesion.step)
-                lesion.step.notes.append(
-                    f"seed from {used.size} of {lesion.columns.size} lesion voxels in the mask ({self.method})"
-                )
-                yield lesion.index, lesion.subject.with_results(self.name, results, lesion.step.finish())
+            outcomes = _ordered_map(pool, lesion_outcome, range(len(chunk)), ahead=2 * worker_threads())
+            for lesion, outcome in zip(chunk, outcomes):
+                yield lesion.index, outcome
         if self._keep_sums:  # every lesion's statistics are done: the next pass may take the memory
             self._spare_sums = sums
 

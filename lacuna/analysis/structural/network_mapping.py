@@ -210,14 +210,16 @@ class StructuralNetworkMapping(BatchAnalysis):
             per_lesion += 3 * 8 * _n_regions(parcellation) ** 2
         return max(1, self.memory_budget // per_lesion)
 
-    def iter_batch(self, subjects: list[SubjectData]) -> Iterator[tuple[int, SubjectData | Exception]]:
-        """Yield ``(index, subject with results)`` or ``(index, error)`` per lesion, in
-        order; all lesions share the tractogram index (built on first use)."""
+    def iter_batch(self, subjects: list[SubjectData], finish=None) -> Iterator[tuple[int, object]]:
+        """Yield ``(index, subject with results)`` (or ``finish`` of it) or ``(index,
+        error)`` per lesion, in order; all lesions share the tractogram index (built on
+        first use)."""
         index = self.index
         new_step = self.step_factory()
         for number, subject in enumerate(subjects):
             try:
-                yield number, self._map(subject, index, new_step())
+                mapped = self._map(subject, index, new_step())
+                yield number, mapped if finish is None else finish(mapped)
             except Exception as exc:  # reported per lesion
                 yield number, exc
 
