@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from numba.extending import get_cython_function_address
@@ -203,3 +207,20 @@ def test_compiled_kernels_are_cached_in_the_user_cache_not_beside_the_code(tmp_p
     assert done.stdout.strip() == "42"
     assert list((tmp_path / "cache" / "lacuna" / "numba").rglob("*.nbi"))
     assert not list(code.rglob("*.nbi"))  # nothing written beside the (installed) code
+
+
+def test_p_tables_come_from_the_data_cache_without_scipy_special(tmp_path):
+    """The first process derives the table of its degrees of freedom with scipy and
+    keeps it; the next one reads it and never imports scipy.special (50 ms)."""
+    code = (
+        "import sys, numpy as np\n"
+        "from lacuna.analysis.functional.t_statistics import two_sided_p\n"
+        "p = two_sided_p(np.array([0.0, 1.0, 2.5, 7.0]), 29.0)\n"
+        "print(' '.join(repr(float(v)) for v in p), 'scipy.special' in sys.modules)\n"
+    )
+    env = dict(os.environ, LACUNA_DATA_DIR=str(tmp_path))
+    first, second = (subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split() for _ in range(2))
+    assert first[-1] == "True" and second[-1] == "False"
+    assert first[:-1] == second[:-1]  # the same values from the kept table
+    np.testing.assert_allclose([float(v) for v in second[:-1]], 2 * stats.t.sf([0.0, 1.0, 2.5, 7.0], 29), rtol=1e-7)
+    assert list((tmp_path / "derived" / "t-tail-tables").glob("*.npz"))

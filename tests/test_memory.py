@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import mmap
+import platform
+import subprocess
 import sys
 
 import numpy as np
@@ -96,3 +98,18 @@ def _rss_anon_kb() -> int:
         if line.startswith("RssAnon:"):
             return int(line.split()[1])
     pytest.skip("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_one_heap_is_set_in_a_fresh_process():
+    """glibc takes the setting (a fresh process: it changes how that process allocates);
+    threads started after it then allocate, and free, on the main heap."""
+    code = (
+        "import threading, numpy as np\n"
+        "from lacuna.core.memory import release_free_heap, use_one_heap\n"
+        "assert use_one_heap()\n"
+        "thread = threading.Thread(target=lambda: [np.ones(450_000) for _ in range(12)])\n"
+        "thread.start(); thread.join()\n"
+        "assert release_free_heap()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

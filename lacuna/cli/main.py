@@ -344,8 +344,11 @@ def _exit_with(exc: BaseException) -> None:
 
 
 def _run_participant(config: RunConfig) -> None:
+    from lacuna.core.memory import use_one_heap
     from lacuna.workflows.participant import run_participant
     from lacuna.core.atomic import write_json
+
+    use_one_heap()  # before the run starts its threads: freed memory can go back between passes
 
     if config.work_dir:
         write_json(config.work_dir / "lacuna_participant_config.json", config.to_dict())

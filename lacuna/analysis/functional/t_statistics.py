@@ -16,14 +16,17 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from scipy import special
+import scipy
 
 from lacuna.analysis.functional import statistics_kernels
+from lacuna.core.derived_arrays import cached_arrays, digest
 
 #: Knot spacing in log(1 + |t|).
 _STEP = 1.0 / 128
 #: The table stops where p falls below this (or at |t| = 1e8).
 _SMALLEST_P = 1e-60
+#: Version of the tables' arrays in the data cache (raise it when their meaning changes).
+_TABLE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,25 @@ class _LogPTable:
 
 
 def _exact_two_sided_p(abs_t: np.ndarray, df: float) -> np.ndarray:
+    from scipy import special  # only for the tables and p < 1e-60: 50 ms to import
+
     return 2.0 * special.stdtr(df, -abs_t)
 
 
 @lru_cache(maxsize=64)
 def _table(df: float) -> _LogPTable:
+    """The table for ``df`` degrees of freedom, kept in the data cache (with scipy's
+    version in its key), so that a run whose maps have no p below 1e-60 need not import
+    :mod:`scipy.special`."""
+    key = digest(_TABLE_FORMAT, float(df), _STEP, _SMALLEST_P, scipy.__version__)
+    arrays = cached_arrays("t-tail-tables", key, lambda: _table_arrays(df))
+    log_p, slopes = arrays["log_p"], arrays["slopes"]
+    return _LogPTable(log_p, slopes, statistics_kernels.hermite_coefficients(_STEP, log_p, slopes))
+
+
+def _table_arrays(df: float) -> dict[str, np.ndarray]:
+    from scipy import special
+
     t_max = min(-special.stdtrit(df, _SMALLEST_P / 2), 1e8)
     x = np.arange(int(np.ceil(np.log1p(t_max) / _STEP)) + 2) * _STEP
     t = np.expm1(x)
@@ -58,8 +75,7 @@ def _table(df: float) -> _LogPTable:
     )
     # d log p / dt = -2 f(t) / p, and dt/dx = 1 + t.
     slopes = -2.0 * np.exp(log_density - np.log(p)) * (1.0 + t)
-    log_p = np.log(p)
-    return _LogPTable(log_p, slopes, statistics_kernels.hermite_coefficients(_STEP, log_p, slopes))
+    return {"log_p": np.log(p), "slopes": slopes}
 
 
 def two_sided_p(abs_t: np.ndarray, df) -> np.ndarray:
