@@ -538,3 +538,16 @@ def test_a_mask_without_a_declared_space_takes_the_space_of_its_template_grid(tm
     with pytest.raises(SpaceError, match=r"voxel axes \(1, 1, 1\) mm, origin \(-91, -126, -72\)"):
         SubjectData.from_nifti(path)
     assert not SubjectData.from_nifti(path, space="MNI152NLin6Asym").on_template_grid
+
+
+@pytest.mark.parametrize("image_class", ["Nifti1Image", "Nifti2Image"])
+def test_reads_nifti1_and_nifti2_masks(tmp_path, image_class):
+    """NIfTI-1 masks are decompressed in one piece; other formats go through nibabel."""
+    import nibabel as nib
+
+    data = box_mask(spec_shape(NLIN6, 2))
+    path = tmp_path / NAME_6_2
+    nib.save(getattr(nib, image_class)(data, spec_affine(NLIN6, 2)), path)
+    subject = SubjectData.from_nifti(path)
+    np.testing.assert_array_equal(np.asanyarray(subject.mask_img.dataobj), data)
+    np.testing.assert_allclose(subject.affine, spec_affine(NLIN6, 2))

@@ -370,7 +370,9 @@ def prepare() -> None:
     expected = _ExpectedRuns(*_long_runs(outside), outside.size)
     for _ in range(2):  # the stream planned, then filled from its template
         _encode(b"header", volume, [expected])
-    _encode(b"header", np.ones_like(volume), [expected])  # the runs differ: searched for
+    broken = volume.copy(order="F")
+    broken[0, 0, 0] = 0.25  # a run does not hold: searched for
+    _encode(b"header", broken, [expected])
     _PREPARED.set()
 
 

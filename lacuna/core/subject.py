@@ -378,8 +378,9 @@ _WHOLE_READ_BYTES = 256 * 1024**2
 
 def _load_image(path: Path) -> nib.Nifti1Image:
     """The image with its data read now, so that truncated or corrupt files fail here.
-    A ``.nii.gz`` mask is decompressed in one piece by ISA-L where installed (a third
-    of the time of nibabel's streaming through zlib, for every mask of a cohort)."""
+    A ``.nii.gz`` NIfTI-1 mask is decompressed in one piece (by ISA-L where installed):
+    1.5 ms a mask instead of 2.7 here, where nibabel's streaming reader costs more than
+    the decompression, for every mask of a cohort."""
     try:
         img = _nifti1_in_one_piece(path) or nib.load(str(path))
         data = np.asanyarray(img.dataobj)
