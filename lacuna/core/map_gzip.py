@@ -298,9 +298,10 @@ class _ExpectedRuns:
     def __init__(self, run_first: np.ndarray, run_stop: np.ndarray, n_words: int):
         self.run_first = run_first
         self.run_stop = run_stop
-        self.in_runs = np.zeros(n_words, dtype=np.bool_)
-        for first, stop in zip(run_first, run_stop):
-            self.in_runs[first:stop] = True
+        edges = np.zeros(n_words + 1, dtype=np.int8)
+        np.add.at(edges, run_first, 1)
+        np.add.at(edges, run_stop, -1)
+        self.in_runs = np.cumsum(edges[:-1], dtype=np.int8).astype(np.bool_)
         self._templates: dict[tuple[bytes, int], _Template] = {}
         self._lock = threading.Lock()
 
@@ -346,12 +347,12 @@ def expect_constant(outside: np.ndarray) -> None:
     bytes either way (runs elsewhere in a passing map are then stored, not deflated).
     """
     flat = np.asarray(outside, dtype=bool).reshape(-1)
-    expected = _ExpectedRuns(*_long_runs(flat), flat.size)
+    first, stop = _long_runs(flat)
     with _EXPECTED_LOCK:
         known = _EXPECTED.setdefault(flat.size, [])
-        if any(np.array_equal(e.run_first, expected.run_first) and np.array_equal(e.run_stop, expected.run_stop) for e in known):
-            return
-        known.insert(0, expected)
+        if any(np.array_equal(e.run_first, first) and np.array_equal(e.run_stop, stop) for e in known):
+            return  # announced before (each group of a cohort announces it again)
+        known.insert(0, _ExpectedRuns(first, stop, flat.size))
         del known[_EXPECTED_MAX:]
 
 

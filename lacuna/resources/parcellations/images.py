@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from lacuna.core.compression import gunzip_bytes
+from lacuna.core.nifti_files import nifti1_in_one_piece
 from lacuna.core.errors import ParcellationError
 from lacuna.core.spaces import Grid
 from lacuna.resources.parcellations.labels import read_labels, short_list
@@ -120,25 +120,15 @@ def _open_image(path: Path) -> nib.Nifti1Image:
     return img
 
 
-#: Largest decompressed ``.nii.gz`` parcellation read in one piece (see :func:`_load_nifti`).
-_WHOLE_READ_BYTES = 256 << 20
-
-
 def _load_nifti(path: Path) -> nib.Nifti1Image:
-    """``nib.load(path)``, but the data of a ``.nii.gz`` file up to
-    :data:`_WHOLE_READ_BYTES` is decompressed in one piece by
-    :func:`~lacuna.core.compression.gunzip_bytes` (ISA-L: a 1 mm atlas in a third of
-    zlib's time, on the way to the first mask). Larger (4-D) atlases stream through
-    nibabel, which never holds the decompressed file and the array at once."""
-    img = nib.load(path)
-    size = int(np.prod(img.shape)) * img.get_data_dtype().itemsize
-    if not path.name.endswith(".nii.gz") or size > _WHOLE_READ_BYTES:
-        return img
+    """``nib.load(path)``, but a ``.nii.gz`` NIfTI-1 atlas is decompressed in one piece
+    (:func:`~lacuna.core.nifti_files.nifti1_in_one_piece`, on the way to the first
+    mask)."""
     try:
-        content = gunzip_bytes(path.read_bytes())
+        img = nifti1_in_one_piece(path)
     except Exception as exc:  # zlib and ISA-L raise their own error types
         raise _unreadable_data(path, exc) from exc
-    return nib.Nifti1Image.from_bytes(content)
+    return img if img is not None else nib.load(path)
 
 
 def _read_array(img, path: Path, unscaled: bool = False) -> np.ndarray:
