@@ -189,6 +189,27 @@ def test_single_threaded_blas_limits_every_blas_library_and_restores_them():
     assert blas_threads() == before
 
 
+def test_blas_pools_not_started_unless_the_user_asked_for_threads():
+    """The participant level never lets BLAS use its own threads, so their pools are not
+    started at all (numpy's and scipy's OpenBLAS load with one thread); a thread count
+    the user (or --omp-nthreads) gave is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from lacuna.core.threads import library_pools_not_started\n"
+        "library_pools_not_started()\n"
+        "import numpy, scipy.linalg, threadpoolctl\n"
+        "print(sorted({lib['num_threads'] for lib in threadpoolctl.threadpool_info() if lib['user_api'] == 'blas'}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    unset = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert unset.stdout.strip() == "[1]", unset.stdout + unset.stderr
+    chosen = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_NUM_THREADS": "2"}, capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == "[2]", chosen.stdout + chosen.stderr
+
+
 def test_compiled_kernels_are_cached_in_the_user_cache_not_beside_the_code(tmp_path):
     import os
     import subprocess

@@ -16,6 +16,7 @@ import pytest
 from fake_servers import FolderServer
 
 from lacuna.resources.parcellations import downloads as pm
+from lacuna.resources.parcellations import images as images_module
 from lacuna.resources.parcellations import (
     CATALOGUE,
     CatalogueEntry,
@@ -229,6 +230,46 @@ def test_load_is_cached_and_refreshed_when_file_changes(tmp_path):
     data[0, 0, 0] = 9
     write_image(image, data)
     assert 9 in parc.load().region_ids
+
+
+def test_label_data_cached_by_file_bytes_and_read_back_mapped(tmp_path, data_dir, monkeypatch):
+    data = label_volume()
+    data[5, 4, 3] = 7
+    image = write_image(tmp_path / "a.nii.gz", data)
+    labels = write_text(tmp_path / "a.txt", "1 one\n2 two\n3 three\n7 seven\n8 eight\n")
+    first = read_parcellation("Toy", image, labels)
+    assert list((data_dir / "derived" / "atlas-labels").iterdir())  # kept for the next run
+
+    def fail(path):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(images_module, "_derive_label_voxels", fail)
+    again = read_parcellation("Toy", image, labels)
+    assert isinstance(again.data.base, np.memmap) or isinstance(again.data, np.memmap)
+    assert not again.data.flags.writeable
+    expected = np.asarray(nib.load(image).dataobj)  # nibabel's own reading
+    for parc in (first, again):
+        np.testing.assert_array_equal(parc.data, expected)
+        assert parc.data.dtype == np.int32
+        np.testing.assert_array_equal(parc.voxel_counts, [np.sum(expected == i) for i in (1, 2, 3, 7, 8)])
+        np.testing.assert_array_equal(parc.affine, nib.load(image).affine)
+        assert parc.data_key == first.data_key
+
+    changed = data.copy()
+    changed[0, 0, 0] = 8
+    write_image(image, changed)  # new bytes: decoded, not served the old labels
+    with pytest.raises(AssertionError, match="decoded again"):
+        read_parcellation("Toy", image, labels)
+
+
+def test_unreadable_label_cache_is_derived_again(tmp_path, data_dir):
+    image = write_image(tmp_path / "a.nii.gz", label_volume())
+    read_parcellation("Toy", image)
+    (cached,) = (data_dir / "derived" / "atlas-labels").iterdir()
+    (cached / "labels.npy").write_bytes(b"garbage")
+    parc = read_parcellation("Toy", image)
+    np.testing.assert_array_equal(parc.data, label_volume())
+    assert parc.region_ids == [1, 2, 3]
 
 
 def test_parcellation_pickles_without_data(tmp_path):

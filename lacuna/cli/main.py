@@ -27,7 +27,7 @@ from lacuna.cli.group_options import MULTI_VALUE_GROUP_OPTIONS, group_inference_
 from lacuna.core.errors import LacunaError, UnknownLevelError, UsageError
 from lacuna.core.space_names import ACCEPTED_SPACES
 from lacuna.core.exit_codes import ExitCode, exit_code_for
-from lacuna.core.threads import configure_threads
+from lacuna.core.threads import configure_threads, library_pools_not_started
 
 log = logging.getLogger("lacuna")
 
@@ -344,6 +344,7 @@ def _exit_with(exc: BaseException) -> None:
 
 
 def _run_participant(config: RunConfig) -> None:
+    library_pools_not_started()  # the participant level runs them single-threaded
     from lacuna.core.memory import use_one_heap
     from lacuna.workflows.participant import run_participant
     from lacuna.core.atomic import write_json

@@ -65,6 +65,17 @@ def configure_threads(nprocs: int, nthreads: int | None = None, omp_nthreads: in
     return worker_threads()
 
 
+def library_pools_not_started() -> None:
+    """Set the BLAS and OpenMP thread variables that neither the user nor the thread
+    options set to 1, before the numerical libraries load (no effect on those already
+    loaded), for a run that holds them to one thread anyway
+    (:func:`single_threaded_libraries`): their pools are then never started. Each
+    OpenBLAS (numpy's, and scipy's own) starts its threads when it loads, and they spin
+    for about 0.1 s, taking a core from a start-up that needs both."""
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
+
+
 def single_threaded_libraries():
     """Limit the thread pools of the numerical libraries loaded so far (BLAS, OpenMP)
     to one thread each; usable as a context manager, which restores them on exit.

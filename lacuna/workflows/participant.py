@@ -13,7 +13,7 @@ import time
 import traceback
 from contextlib import ExitStack, contextmanager
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,10 +197,15 @@ def _declared_space(path: Path, config: RunConfig, source: MaskSource) -> str | 
     return config.mask_space or declared_space(path, source.root)
 
 
-def finish_mask(subject: SubjectData, config: RunConfig, fingerprint: dict, start: float) -> MaskOutcome:
-    """Record the run in provenance and export every output of the mask."""
+def finish_mask(
+    subject: SubjectData, config: RunConfig, fingerprint: dict, start: float, analyses: Sequence[Analysis] = ()
+) -> MaskOutcome:
+    """Run the per-mask ``analyses`` left until now (see :func:`_run_with_batch`), record
+    the run in provenance and export every output of the mask."""
     path = Path(subject.metadata["source_path"])
     try:
+        for analysis in analyses:
+            subject = analysis.run(subject)
         step = ProvenanceStep(name=RUN_STEP, kind="run", parameters=fingerprint)
         subject.provenance.append(step.finish())
         export_bids_derivatives(subject, config.output_dir, overwrite=True)
@@ -335,8 +340,8 @@ def _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times) ->
 
 
 def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times, before_pass=lambda: None) -> None:
-    """Masks in memory-sized groups: per-mask analyses, then one connectome pass per
-    group and batch analysis for all its lesions. When the memory budget allows two
+    """Masks in memory-sized groups: one connectome pass per group and batch analysis
+    for all its lesions, the per-mask analyses as each mask is finished. When the memory budget allows two
     groups of masks, the next group's are read and analysed on a background thread once
     this group's pass is done (during the pass, when memory peaks, they would add to
     it). Each mask is finished (maps compressed, tables and provenance written) as
@@ -346,6 +351,10 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
     lesions are computed; nothing holds the maps of more than a few masks. ``before_pass`` is called before each group's pass: Python
     work started there (the file-name report) runs while the pass leaves the GIL free,
     instead of holding up the start."""
+    # The per-mask analyses (regional damage) are not needed by a pass: in this process
+    # they run as each mask is finished, on all cores after its pass, and the first pass
+    # starts as soon as the masks are read (worker processes run them as they read).
+    deferred = analyses if pool is None else []
     per_pass = min(analysis.lesions_per_pass(extra_bytes=_MASK_BYTES) for analysis in batch)
     # Reading the next group ahead holds two groups of masks: only when the memory
     # budget allows it without smaller groups (more passes over a connectome larger
@@ -361,14 +370,14 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
     def prepare_group(group: list[Path]) -> tuple[float, list[SubjectData | MaskOutcome]]:
         start = time.perf_counter()
         if pool is None:
-            prepared = [prepare_mask(path, config, analyses, fingerprint) for path in group]
+            prepared = [prepare_mask(path, config, [], fingerprint) for path in group]
         else:
             prepared = list(pool.map(_worker_prepare, group))
-        times.add("masks and regional damage (background thread)", time.perf_counter() - start)
+        times.add("reading masks (background thread)", time.perf_counter() - start)
         return start, prepared
 
     groups = _balanced_groups(masks, per_pass) if masks else []
-    with ExitStack() as buffers, _BackgroundFinisher(config, fingerprint, times) as finisher, MaskReader(groups, prepare_group, read_ahead) as reader:
+    with ExitStack() as buffers, _BackgroundFinisher(config, fingerprint, times, deferred) as finisher, MaskReader(groups, prepare_group, read_ahead) as reader:
         for analysis in batch:  # their memory, from one group's pass to the next
             buffers.enter_context(analysis.buffers_kept())
         with times.phase("loading compiled kernels"):  # while the first masks are read
@@ -464,15 +473,16 @@ def _map_batch(config, analysis, follow_ups, subjects, record, times, finish=Non
 
 
 class _BackgroundFinisher:
-    """Finishes masks (:func:`finish_mask`) on background threads, a few at a time.
+    """Finishes masks (:func:`finish_mask`, with the per-mask ``analyses`` left to it)
+    on background threads, a few at a time.
 
     Compression (ISA-L or zlib) and hashing release the GIL, so masks are written on
     all cores while the main thread goes on; :meth:`submit` waits only when more than
     two masks per thread are pending, which bounds the maps held in memory.
     """
 
-    def __init__(self, config: RunConfig, fingerprint: dict, times: PhaseTimes):
-        self._config, self._fingerprint, self._times = config, fingerprint, times
+    def __init__(self, config: RunConfig, fingerprint: dict, times: PhaseTimes, analyses: Sequence[Analysis] = ()):
+        self._config, self._fingerprint, self._times, self._analyses = config, fingerprint, times, analyses
         threads = worker_threads()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lacuna-writer")
         self._limit = 2 * threads
@@ -486,7 +496,7 @@ class _BackgroundFinisher:
 
     def _finish(self, subject: SubjectData, start: float) -> MaskOutcome:
         began = time.perf_counter()
-        outcome = finish_mask(subject, self._config, self._fingerprint, start)
+        outcome = finish_mask(subject, self._config, self._fingerprint, start, self._analyses)
         self._times.add("writing outputs (background threads)", time.perf_counter() - began)
         return outcome
 

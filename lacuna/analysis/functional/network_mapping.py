@@ -81,7 +81,7 @@ _BYTES_PER_LESION_VOXEL = 8 + 8 + 4 + 4  # float64 sums, float32 shift, missing-
 #: (measured below), so a cohort is mapped in passes of this size and the peak memory
 #: does not grow with the number of lesions. A connectome larger than the page cache is
 #: read once, for as many lesions as the memory budget takes.
-CACHED_PASS_BYTES = 320 * 1024**2
+CACHED_PASS_BYTES = 600 * 1024**2
 
 #: Most memory for the connectome subjects in flight (the two groups being mapped). A
 #: group of two subjects is within 7 % of the speed of a group of eight (measured: 50

@@ -108,7 +108,9 @@ class RegionalDamage(Analysis):
         (a thread asking while the read-ahead thread counts waits for its count)."""
         with _COUNTING:
             if image.name not in self._parcel_sizes:
-                if image.probabilistic:
+                if image.voxel_counts is not None:
+                    sizes = np.asarray(image.voxel_counts, dtype=np.float64)
+                elif image.probabilistic:
                     sizes = np.array(
                         [image.data[..., i].sum(dtype=np.float64) for i in range(image.data.shape[3])]
                     ) * image.scale

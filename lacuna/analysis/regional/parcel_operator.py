@@ -61,7 +61,8 @@ class ParcelOperator:
         self._target_shape = image.grid.shape
         self._parcel_voxels: tuple[np.ndarray, sparse.csr_matrix, str] | None = None
         self._interpolation: sparse.csr_matrix | None = None
-        key = digest(_FORMAT, source.shape, source.affine, image.data, image.affine, image.scale, image.region_ids)
+        data = image.data if image.data_key is None else image.data_key  # the same data, not hashed again
+        key = digest(_FORMAT, source.shape, source.affine, data, image.affine, image.scale, image.region_ids)
         arrays = cached_arrays("parcel-operators", key, self._sums_arrays)
         self.weights = arrays["weights"]
         # Only the source voxels some parcel voxel reads from matter: those columns.

@@ -19,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from lacuna.core.derived_arrays import digest, mapped_arrays
 from lacuna.core.nifti_files import nifti1_in_one_piece
 from lacuna.core.errors import ParcellationError
 from lacuna.core.spaces import Grid
@@ -27,6 +28,9 @@ from lacuna.resources.parcellations.labels import read_labels, short_list
 log = logging.getLogger(__name__)
 
 _PROBABILITY_TOLERANCE = 1e-4
+
+#: Version of the label arrays kept in the data cache (raise it when their meaning changes).
+_LABELS_FORMAT = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +54,12 @@ class ParcellationImage:
         Region names, in the order of ``region_ids``.
     probabilistic : bool
         Whether ``data`` is 4-D probability maps.
+    voxel_counts : ndarray or None
+        Voxels of each region, in the order of ``region_ids`` (3-D images read from a
+        file; None when not counted).
+    data_key : str or None
+        Digest of what ``data`` was read from (the file's bytes), which identifies the
+        data in caches without hashing it; None when not known.
     """
 
     name: str
@@ -59,6 +69,8 @@ class ParcellationImage:
     region_ids: list[int]
     region_names: list[str]
     probabilistic: bool
+    voxel_counts: np.ndarray | None = None
+    data_key: str | None = None
 
     def __post_init__(self):
         self.data.flags.writeable = False
@@ -92,22 +104,22 @@ def read_parcellation(
         agree with its labels file.
     """
     image_path = Path(image_path)
-    img = _open_image(image_path)
+    img = _open_image(image_path, nib.load)  # the header: a label image's data may be cached
     if img.ndim == 3:
         return _read_labelled(name, img, image_path, labels_path)
     if img.ndim == 4:
-        return _read_probabilistic(name, img, image_path, labels_path)
+        return _read_probabilistic(name, _open_image(image_path, _load_nifti), image_path, labels_path)
     raise ParcellationError(
         f"{image_path} has {img.ndim} dimensions; a parcellation must be a 3-D label image "
         "or a 4-D image with one probability map per region."
     )
 
 
-def _open_image(path: Path) -> nib.Nifti1Image:
+def _open_image(path: Path, load) -> nib.Nifti1Image:
     if not path.is_file():
         raise ParcellationError(f"parcellation image {path} does not exist; check the path.")
     try:
-        img = _load_nifti(path)
+        img = load(path)
     except ParcellationError:
         raise
     except Exception as exc:  # nibabel raises many types for unreadable files
@@ -149,24 +161,45 @@ def _unreadable_data(path: Path, exc: Exception) -> ParcellationError:
 
 
 def _read_labelled(name, img, image_path: Path, labels_path) -> ParcellationImage:
-    raw = _read_array(img, image_path)
-    data = _integer_labels(raw, image_path)
-    present = _present_labels(data)
+    key, voxels = _label_voxels(image_path)
+    present = [int(v) for v in voxels["present"]]
     if labels_path is None:
         ids = present
         names = [f"region_{i}" for i in ids]
     else:
         ids, names = read_labels(labels_path)
         _report_label_mismatch(image_path, labels_path, present, ids)
+    counts = dict(zip(present, voxels["counts"].tolist()))
     return ParcellationImage(
         name=name,
-        data=data,
+        data=voxels["labels"],
         scale=1.0,
         affine=np.asarray(img.affine, float),
         region_ids=ids,
         region_names=names,
         probabilistic=False,
+        voxel_counts=np.array([counts.get(i, 0) for i in ids], dtype=np.float64),
+        data_key=key,
     )
+
+
+def _label_voxels(path: Path) -> tuple[str, dict[str, np.ndarray]]:
+    """The digest of a 3-D label image's file, and its ``labels`` (int32), the non-zero
+    labels ``present`` and their voxel ``counts``, kept in the data cache by the file's
+    bytes (:func:`~lacuna.core.derived_arrays.mapped_arrays`): decoding and checking a
+    1 mm atlas takes about 0.15 s, reading it back 1 ms."""
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise _unreadable_data(path, exc) from exc
+    key = digest(_LABELS_FORMAT, content)
+    return key, mapped_arrays("atlas-labels", key, lambda: _derive_label_voxels(path))
+
+
+def _derive_label_voxels(path: Path) -> dict[str, np.ndarray]:
+    data = _integer_labels(_read_array(_open_image(path, _load_nifti), path), path)
+    present, counts = _label_counts(data)
+    return {"labels": data, "present": present, "counts": counts}
 
 
 def _integer_labels(raw: np.ndarray, path: Path) -> np.ndarray:
@@ -194,15 +227,17 @@ def _integer_labels(raw: np.ndarray, path: Path) -> np.ndarray:
     return np.asarray(raw, dtype=np.int32)
 
 
-def _present_labels(data: np.ndarray) -> list[int]:
-    """Non-zero label values present in the image, ascending."""
+def _label_counts(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-zero label values present in the image, ascending, and their voxel counts."""
     top = int(data.max()) if data.size else 0
     if top < (1 << 24):
         counts = np.bincount(data.ravel(order="K"), minlength=top + 1)  # no copy of the volume
         values = np.flatnonzero(counts)
+        counts = counts[values]
     else:
-        values = np.unique(data)
-    return [int(v) for v in values if v != 0]
+        values, counts = np.unique(data, return_counts=True)
+    nonzero = values != 0
+    return values[nonzero].astype(np.int64), counts[nonzero].astype(np.int64)
 
 
 def _report_label_mismatch(image_path, labels_path, present: list[int], ids: list[int]):
