@@ -345,11 +345,12 @@ def _exit_with(exc: BaseException) -> None:
 
 def _run_participant(config: RunConfig) -> None:
     library_pools_not_started()  # the participant level runs them single-threaded
-    from lacuna.core.memory import use_one_heap
+    from lacuna.core.memory import reuse_freed_memory, use_one_heap
     from lacuna.workflows.participant import run_participant
     from lacuna.core.atomic import write_json
 
     use_one_heap()  # before the run starts its threads: freed memory can go back between passes
+    reuse_freed_memory()  # and is reused, not faulted in again, within a pass's lesions
 
     if config.work_dir:
         write_json(config.work_dir / "lacuna_participant_config.json", config.to_dict())

@@ -80,6 +80,13 @@ def default_memory_budget() -> int:
 
 #: glibc's ``mallopt`` parameter for the most heaps (arenas) threads may spread over.
 _M_ARENA_MAX = -8
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+#: Blocks up to this size come from the heap (glibc's largest allowed on 64 bits).
+HEAP_BLOCKS_BYTES = 32 * 1024**2
+#: Free memory at the top of the heap kept for reuse, not returned at each ``free``.
+KEPT_FREE_BYTES = 512 * 1024**2
 
 
 def use_one_heap() -> bool:
@@ -98,6 +105,28 @@ def use_one_heap() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(ctypes.c_int(_M_ARENA_MAX), ctypes.c_int(1)))
+
+
+def reuse_freed_memory() -> bool:
+    """Have ``malloc`` serve blocks up to :data:`HEAP_BLOCKS_BYTES` from the heap and
+    keep up to :data:`KEPT_FREE_BYTES` of freed memory there (glibc's
+    ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``); False where the C library has no
+    such settings.
+
+    By default a block of a few MB (a map's 3.6 MB volume) is often a fresh ``mmap``,
+    whose pages the kernel zeroes and maps one fault at a time when first written, and
+    memory freed at the top of the heap goes back at once. Lesion after lesion, the
+    same blocks are then faulted in again: a participant run spent 0.2 CPU-seconds per
+    100 lesions there (measured, alternating runs: 8.47 -> 8.29 CPU-s, the same peak
+    RSS). Free memory still goes back between two connectome passes
+    (:func:`release_free_heap`).
+    """
+    mallopt = getattr(_LIBC, "mallopt", None)
+    if mallopt is None:
+        return False
+    blocks = mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(HEAP_BLOCKS_BYTES))
+    kept = mallopt(ctypes.c_int(_M_TRIM_THRESHOLD), ctypes.c_int(KEPT_FREE_BYTES))
+    return bool(blocks and kept)
 
 
 def release_free_heap() -> bool:
