@@ -80,7 +80,9 @@ _BYTES_PER_LESION_VOXEL = 8 + 8 + 4 + 4  # float64 sums, float32 shift, missing-
 #: the page cache: another pass then re-reads it from memory, a small part of the work
 #: (measured below), so a cohort is mapped in passes of this size and the peak memory
 #: does not grow with the number of lesions. A connectome larger than the page cache is
-#: read once, for as many lesions as the memory budget takes.
+#: read once, for as many lesions as the memory budget takes. 600 MiB hold about 110
+#: lesions of a 235,000-voxel brain: 100 lesions in one pass of 2.2-2.5 s instead of two
+#: of 1.4 s each (measured: 30 subjects of 113 MB), at 0.23 GiB more peak memory.
 CACHED_PASS_BYTES = 600 * 1024**2
 
 #: Most memory for the connectome subjects in flight (the two groups being mapped). A
