@@ -37,6 +37,7 @@ import compileall
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -148,15 +149,29 @@ class Memory:
         return f"peak RSS {self.rss:.2f} GiB (private {self.private:.2f} GiB, mapped files {self.mapped_files:.2f} GiB)"
 
 
-def timed(command: list[str]) -> tuple[float, Memory, str]:
-    """Wall seconds, peak memory and stderr of a command."""
+@dataclass
+class Run:
+    """What a command cost: wall and CPU seconds (the CPU of a VM whose speed drifts
+    compares better between runs than the wall time), peak memory, and its stderr."""
+
+    seconds: float
+    cpu_seconds: float
+    memory: Memory
+    log: str
+
+
+def timed(command: list[str]) -> Run:
+    """Run a command and measure it."""
     start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, *command], capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     rss, private, mapped = (int(value) / 1024**2 for value in re.search(r"PEAK_RSS_KB (\d+) (\d+) (\d+)", done.stderr).groups())
-    return seconds, Memory(rss, private, mapped), done.stderr
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return Run(seconds, cpu, Memory(rss, private, mapped), done.stderr)
 
 
 def phases(log: str) -> dict[str, float]:
@@ -178,13 +193,13 @@ def lacuna_command() -> str:
     return found
 
 
-def report(label: str, seconds: float, memory: Memory, log: str) -> None:
-    breakdown = phases(log)
-    print(f"{label}: {seconds:.1f} s end to end, {memory.text()}")
+def report(label: str, run: Run) -> None:
+    breakdown = phases(run.log)
+    print(f"{label}: {run.seconds:.1f} s end to end ({run.cpu_seconds:.1f} CPU-seconds), {run.memory.text()}")
     for name, value in breakdown.items():
         print(f"    {name:<28} {value:7.2f} s")
     if "connectome pass" in breakdown:
-        print(f"    end to end - connectome pass: {seconds - breakdown['connectome pass']:.1f} s")
+        print(f"    end to end - connectome pass: {run.seconds - breakdown['connectome pass']:.1f} s")
 
 
 def run_functional(workdir: Path, runs: Path, lacuna: str, subjects: int, timepoints: int, lesions: int, atlas: str) -> None:
@@ -202,8 +217,7 @@ def run_functional(workdir: Path, runs: Path, lacuna: str, subjects: int, timepo
     out = new_output_folder(runs, f"L{lesions}")
     command = [lacuna, str(bids), str(out), "participant", "--functional-connectome", str(connectome),
                "--atlas-dir", str(ATLASES), "--atlas", atlas, "--skip-bids-validation", "-v"]
-    seconds, memory, log = timed(command)
-    report(f"L={lesions}, S={subjects}, T={timepoints}", seconds, memory, log)
+    report(f"L={lesions}, S={subjects}, T={timepoints}", timed(command))
 
 
 def run_structural(workdir: Path, runs: Path, lacuna: str, lesions: int, streamlines: int, atlas: str) -> None:
@@ -223,22 +237,20 @@ def run_structural(workdir: Path, runs: Path, lacuna: str, lesions: int, streaml
                 "--atlas-dir", str(ATLASES), "--atlas", atlas, "--skip-bids-validation", "-v"]
 
     timed(command(new_output_folder(runs, f"structural_L{lesions}_index")))  # builds the index once
-    seconds, memory, log = timed(command(new_output_folder(runs, f"structural_L{lesions}")))
-    report(f"structural, L={lesions}, {streamlines} streamlines, warm index", seconds, memory, log)
+    report(f"structural, L={lesions}, {streamlines} streamlines, warm index", timed(command(new_output_folder(runs, f"structural_L{lesions}"))))
 
 
 def run_fixed_cost(workdir: Path, runs: Path, lacuna: str, atlas: str) -> None:
-    seconds, _, _ = timed([lacuna, "--version"])
+    seconds = timed([lacuna, "--version"]).seconds
     print(f"lacuna --version: {seconds:.2f} s")
-    seconds, _, _ = timed([lacuna, "--help"])
+    seconds = timed([lacuna, "--help"]).seconds
     print(f"lacuna --help: {seconds:.2f} s")
     bids = workdir / "bids_L1"
     if not bids.is_dir():
         build_dataset(bids, 1)
     out = new_output_folder(runs, "L1_regional")
-    seconds, memory, log = timed([lacuna, str(bids), str(out), "participant", "--atlas-dir", str(ATLASES),
-                               "--atlas", atlas, "--skip-bids-validation", "-v"])
-    report("fixed cost: one mask, regional damage only", seconds, memory, log)
+    run = timed([lacuna, str(bids), str(out), "participant", "--atlas-dir", str(ATLASES), "--atlas", atlas, "--skip-bids-validation", "-v"])
+    report("fixed cost: one mask, regional damage only", run)
 
 
 def main() -> None:
