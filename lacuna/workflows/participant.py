@@ -341,16 +341,17 @@ def _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times) ->
 
 def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times, before_pass=lambda: None) -> None:
     """Masks in memory-sized groups: one connectome pass per group and batch analysis
-    for all its lesions, the per-mask analyses as each mask is finished. When the memory
-    budget allows two groups of masks, the next group's are read on a background thread once
-    this group's pass is done (during the pass, when memory peaks, they would add to
-    it). Each mask is finished (maps compressed, tables and provenance written) as
-    soon as its last batch analysis has its maps: on that analysis' worker threads
-    where it has some (functional mapping: statistics, maps and files of a lesion on
-    one thread, lesions in parallel), else on background threads while the next
-    lesions are computed; nothing holds the maps of more than a few masks. ``before_pass`` is called before each group's pass: Python
-    work started there (the file-name report) runs while the pass leaves the GIL free,
-    instead of holding up the start."""
+    for all its lesions, the per-mask analyses as each mask is finished. When the
+    memory budget allows two groups of masks, the next group's are read on a background
+    thread once this group's pass is done (during the pass, when memory peaks, they
+    would add to it). Each mask is finished (maps compressed, tables and provenance
+    written) as soon as its last batch analysis has its maps: on that analysis' worker
+    threads where it has some (functional mapping: statistics, maps and files of a
+    lesion on one thread, lesions in parallel), else on background threads while the
+    next lesions are computed; nothing holds the maps of more than a few masks.
+    ``before_pass`` is called before each group's pass: Python work started there (the
+    file-name report) runs while the pass leaves the GIL free, instead of holding up
+    the start."""
     # The per-mask analyses (regional damage) are not needed by a pass: in this process
     # they run as each mask is finished, on all cores after its pass, and the first pass
     # starts as soon as the masks are read (worker processes run them as they read).

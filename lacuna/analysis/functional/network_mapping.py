@@ -163,6 +163,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
         self.last_timing: list[PassTiming] = []
         self._keep_sums = False
         self._spare_sums: FisherZSums | None = None
+        self._layout_announced = False
         if avx2_blas_on_avx512_cpu():
             log.info(
                 "OpenBLAS uses its AVX2 kernels on this AVX-512 CPU; setting OPENBLAS_CORETYPE=SkylakeX "
@@ -175,9 +176,11 @@ class FunctionalNetworkMapping(BatchAnalysis):
         that a pass does not stall on them midway, and tell the map writer where the
         maps hold their fill value (outside the connectome's brain mask)."""
         kernels.prepare({f.dtype for f in self.connectome.files})
-        outside = np.ones(int(np.prod(self.connectome.mask_shape)), dtype=bool)
-        outside[self.connectome.flat_indices_fortran] = False
-        map_gzip.expect_constant(outside)  # maps repeat their fill value there: written from a template
+        if not self._layout_announced:  # iter_batch warms up again for each group
+            outside = np.ones(int(np.prod(self.connectome.mask_shape)), dtype=bool)
+            outside[self.connectome.flat_indices_fortran] = False
+            map_gzip.expect_constant(outside)  # maps repeat their fill value there: written from a template
+            self._layout_announced = True
 
     @property
     def connectome_label(self) -> str:
