@@ -398,3 +398,33 @@ def test_a_pass_taking_over_earlier_sums_matches_a_fresh_pass(tmp_path):
     for name in ("shift", "sum_dz", "sum_dz2"):
         np.testing.assert_array_equal(getattr(reused, name), getattr(fresh, name))
     assert reused.n_subjects == fresh.n_subjects == 7
+
+
+def test_a_pass_taking_reserved_sums_matches_a_fresh_pass(tmp_path):
+    """Sums reserved on a background thread (for more lesions than the pass maps) are
+    taken as they are, not zeroed again, and give the sums of a pass with new ones."""
+    from lacuna.analysis.functional import engine as engine
+
+    data = _timeseries(7, 30, seed=13)
+    connectome = FunctionalConnectome.open(_write(tmp_path / "c.h5", data))
+    seeds = engine.SeedDefinition.means([np.arange(40, 60), np.arange(700, 705)])
+    fresh, _ = engine.stream_fisher_z(connectome, seeds)
+    reservation = engine.SumsReservation(3, connectome.n_voxels)
+    reused, _ = engine.stream_fisher_z(connectome, seeds, reuse=reservation)
+    assert reused.sum_dz.shape == fresh.sum_dz.shape == (2, connectome.n_voxels)
+    for name in ("shift", "sum_dz", "sum_dz2"):
+        np.testing.assert_array_equal(getattr(reused, name), getattr(fresh, name))
+    with pytest.raises(RuntimeError, match="taken already"):
+        reservation.take()
+
+
+def test_reserved_sums_raise_what_making_them_raised(monkeypatch):
+    from lacuna.analysis.functional import engine as engine
+
+    def no_memory(*args):
+        raise MemoryError("no room for the sums")
+
+    monkeypatch.setattr(engine.FisherZSums, "zeros", no_memory)
+    reservation = engine.SumsReservation(4, 10)
+    with pytest.raises(MemoryError, match="no room"):
+        reservation.take()

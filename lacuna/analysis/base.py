@@ -132,6 +132,11 @@ class BatchAnalysis(Analysis):
         here."""
         return nullcontext()
 
+    def reserve_pass(self, n_lesions: int) -> None:
+        """Start making the working memory of a pass over ``n_lesions`` lesions in the
+        background, for the next :meth:`iter_batch` within :meth:`buffers_kept` to take;
+        a no-op here."""
+
     def run(self, subject: SubjectData) -> SubjectData:
         return self.run_batch([subject])[0]
 

@@ -381,6 +381,8 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
     with ExitStack() as buffers, _BackgroundFinisher(config, fingerprint, times, deferred) as finisher, MaskReader(groups, prepare_group, read_ahead) as reader:
         for analysis in batch:  # their memory, from one group's pass to the next
             buffers.enter_context(analysis.buffers_kept())
+            if groups:  # made in the background while the masks are read
+                analysis.reserve_pass(len(groups[0]))
         with times.phase("loading compiled kernels"):  # while the first masks are read
             for analysis in batch:
                 analysis.warm_up()

@@ -56,6 +56,7 @@ from lacuna.analysis.functional.engine import (
     FisherZSums,
     PassTiming,
     SeedDefinition,
+    SumsReservation,
     pini_selection,
     stream_fisher_z,
     summarise,
@@ -162,7 +163,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
         self.return_in_input_space = return_in_input_space
         self.last_timing: list[PassTiming] = []
         self._keep_sums = False
-        self._spare_sums: FisherZSums | None = None
+        self._spare_sums: FisherZSums | SumsReservation | None = None
         self._layout_announced = False
         if avx2_blas_on_avx512_cpu():
             log.info(
@@ -348,6 +349,13 @@ class FunctionalNetworkMapping(BatchAnalysis):
         finally:
             self._keep_sums = False
             self._spare_sums = None
+
+    def reserve_pass(self, n_lesions: int) -> None:
+        """The running sums of the next pass made on a thread of their own
+        (:class:`~lacuna.analysis.functional.engine.SumsReservation`), unless the sums
+        of a pass before it are kept for it."""
+        if self._keep_sums and self._spare_sums is None:
+            self._spare_sums = SumsReservation(n_lesions, self.connectome.n_voxels)
 
     def _statistics(self, sums, row: int):
         n = sums.n if sums.missing is None else sums.n[row]
