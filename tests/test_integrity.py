@@ -341,3 +341,26 @@ def test_atomic_write_makes_the_missing_folder_and_leaves_no_temporary(tmp_path,
     with pytest.raises(OSError, match="disk full"):
         atomic.atomic_write_bytes(tmp_path / "new" / "y.nii.gz", b"data")
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["deeper"]
+
+
+def test_atomic_write_takes_any_bytes_like_data_whole_with_the_usual_mode(tmp_path, monkeypatch):
+    """Buffers of wider items are written byte for byte, a write that stops short is
+    continued, and the file gets the mode ``open`` would give it."""
+    from lacuna.core import atomic
+
+    values = np.arange(300_000, dtype=np.float32)
+    target = atomic.atomic_write_bytes(tmp_path / "values.bin", memoryview(values))
+    assert target.read_bytes() == values.tobytes()
+
+    real_write = atomic.os.write
+
+    def short_write(descriptor, data):
+        return real_write(descriptor, bytes(memoryview(data)[:1000]))
+
+    monkeypatch.setattr(atomic.os, "write", short_write)
+    atomic.atomic_write_bytes(tmp_path / "short.bin", b"x" * 2500)
+    assert (tmp_path / "short.bin").read_bytes() == b"x" * 2500
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "short.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.bin", "values.bin"]
