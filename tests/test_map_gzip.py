@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import subprocess
+import time
 import zlib
 
 import nibabel as nib
@@ -167,3 +168,30 @@ def test_prepare_loads_the_kernels_without_announcing_runs():
     volume = np.zeros((4, 4, 4), dtype=np.float32, order="F")
     volume[1:3, 1:3, 1:3] = 0.25
     assert zlib.decompress(gzip_map_bytes(b"h", volume), wbits=31) == b"h" + volume.tobytes(order="F")
+
+
+def test_a_planned_stream_serves_the_first_map_from_its_template(monkeypatch):
+    """After ``plan`` (in the background, as during a connectome pass) the first real
+    map of that header and fill is filled from the template, not planned again, and
+    decompresses exactly."""
+    from lacuna.core import map_gzip
+
+    shape = (37, 29, 33)  # a size no other test uses
+    outside = _ellipsoid_outside(shape)
+    map_gzip.expect_constant(outside)
+    planned = []
+    map_gzip.prepare_in_background(then=lambda: planned.append(map_gzip.plan(b"head", outside.size, 1.0)))
+    for _ in range(500):
+        if planned:
+            break
+        time.sleep(0.01)
+    assert planned
+
+    def not_again(*args):
+        raise AssertionError("planned again")
+
+    monkeypatch.setattr(map_gzip, "_deflate_planned", not_again)
+    flat = np.ones(outside.size, dtype=np.float32)
+    flat[~outside] = np.random.default_rng(3).uniform(size=int((~outside).sum()))
+    encoded = gzip_map_bytes(b"head", flat.reshape(shape, order="F"))
+    assert gzip.decompress(encoded) == b"head" + flat.tobytes()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lacuna.core import compression
-from lacuna.core.nifti_files import float_map_bytes, float_map_image
+from lacuna.core.nifti_files import binary_mask_bytes, binary_mask_image, float_map_bytes, float_map_image
 from lacuna.core.spaces import standard_grid
 
 
@@ -20,6 +20,20 @@ def test_float_map_bytes_equal_nibabel_save(tmp_path, order):
     nib.save(float_map_image(data, grid.affine), tmp_path / "reference.nii")
     assert float_map_bytes(data, grid.affine, "map.nii") == (tmp_path / "reference.nii").read_bytes()
     assert float_map_bytes(data * 2, grid.affine, "map.nii")[:352] == (tmp_path / "reference.nii").read_bytes()[:352]
+
+
+@pytest.mark.parametrize(("resolution", "order"), [(2, "C"), (1, "F")])
+def test_binary_mask_bytes_equal_nibabel_save(tmp_path, resolution, order):
+    """The lesion mask as written (header made once per grid) is byte for byte what
+    nibabel saves of the mask image, for masks on different grids."""
+    grid = standard_grid("MNI152NLin6Asym", resolution)
+    for seed in (0, 1):
+        data = np.asarray(np.random.default_rng(seed).uniform(size=grid.shape) < 0.01, dtype=np.uint8, order=order)
+        nib.save(binary_mask_image(data, grid.affine), tmp_path / "reference.nii")
+        assert bytes(binary_mask_bytes(data, grid.affine, "mask.nii")) == (tmp_path / "reference.nii").read_bytes()
+        written = tmp_path / "mask.nii.gz"
+        written.write_bytes(binary_mask_bytes(data, grid.affine, written.name))
+        assert gzip.decompress(written.read_bytes()) == (tmp_path / "reference.nii").read_bytes()
 
 
 @pytest.mark.parametrize("stored_values", [False, True])

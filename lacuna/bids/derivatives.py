@@ -19,7 +19,7 @@ from lacuna.bids.integrity import output_problems, recorded_input_sha256
 from lacuna.bids.names import MaskOutputs, format_resolution, sidecar_of
 from lacuna.core.atomic import atomic_write_bytes, json_bytes, write_json
 from lacuna.core.errors import LacunaError
-from lacuna.core.nifti_files import image_bytes
+from lacuna.core.nifti_files import binary_mask_bytes, image_bytes
 from lacuna.core.provenance import remember_sha256, sha256_file, software_versions, utc_now
 from lacuna.core.results import ConnectivityMatrix, ParcelData, ScalarMetric, VoxelMap
 from lacuna.core.spaces import identify_standard_grid
@@ -61,6 +61,13 @@ def _save_image(img: nib.Nifti1Image, path: Path, durable: bool = False) -> str:
     flushed to the disk unless ``durable``: a mask's outputs are covered by the
     checksums of its provenance file, which is); returns its SHA-256."""
     return _save_bytes(image_bytes(img, path.name), path, durable)
+
+
+def _save_mask(subject: SubjectData, path: Path) -> str:
+    """Write the mask as analysed (:func:`~lacuna.core.nifti_files.binary_mask_image`
+    of its data) atomically, not flushed (see :func:`_save_image`); returns its SHA-256."""
+    data = np.asanyarray(subject.mask_img.dataobj)
+    return _save_bytes(binary_mask_bytes(data, subject.affine, path.name), path)
 
 
 def _save_bytes(data: bytes, path: Path, durable: bool = False) -> str:
@@ -115,7 +122,7 @@ def _plan_outputs(subject: SubjectData, names: MaskOutputs, selection: OutputSel
     planned: list[_PlannedFile] = []
     mask_path = names.mask()
     if selection.lesion_mask:
-        planned.append(_PlannedFile(mask_path, lambda p: _save_image(subject.mask_img, p)))
+        planned.append(_PlannedFile(mask_path, lambda p: _save_mask(subject, p)))
         planned.append(
             _PlannedFile(
                 sidecar_of(mask_path),

@@ -13,6 +13,7 @@ time, 10-25 % larger than ISA-L's level 1.
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 import zlib
@@ -30,6 +31,8 @@ try:
     from isal.isal_zlib import crc32  # a few times faster than zlib's
 except ImportError:  # pragma: no cover - depends on the installation
     crc32 = zlib.crc32
+
+log = logging.getLogger(__name__)
 
 #: Voxels a run must span to become a fixed-Huffman block: shorter runs cost less as
 #: stored bytes than a block's ~11 bytes of framing.
@@ -377,10 +380,30 @@ def prepare() -> None:
     _PREPARED.set()
 
 
-def prepare_in_background() -> None:
-    """:func:`prepare` on a thread of its own (nothing when already done)."""
-    if not _PREPARED.is_set():
-        threading.Thread(target=prepare, name="lacuna-encoder-warm-up", daemon=True).start()
+def plan(prefix: bytes, n_voxels: int, fill: float) -> None:
+    """Plan now the stream of ``n_voxels``-voxel float32 maps after ``prefix`` that hold
+    ``fill`` where an announced layout (:func:`expect_constant`) repeats one value, so
+    that the first such map written is filled from its template too (planning one
+    costs about 15 ms)."""
+    gzip_map_bytes(prefix, np.full(n_voxels, fill, dtype=np.float32))
+
+
+def prepare_in_background(then=None) -> None:
+    """:func:`prepare`, then ``then()`` (e.g. calls of :func:`plan`), on a thread of its
+    own (nothing when prepared already and nothing follows). A failure is only logged:
+    the first map that needs the item meets it again."""
+    if _PREPARED.is_set() and then is None:
+        return
+
+    def prepare_and_plan() -> None:
+        try:
+            prepare()
+            if then is not None:
+                then()
+        except Exception as exc:
+            log.debug("preparing the map encoder failed: %s", exc)
+
+    threading.Thread(target=prepare_and_plan, name="lacuna-encoder-warm-up", daemon=True).start()
 
 
 def _long_runs(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,16 @@ def float_map_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     return img
 
 
+def binary_mask_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A uint8 NIfTI image of a 0/1 mask with millimetre units and the affine as qform
+    and sform (code 4, MNI152)."""
+    img = nib.Nifti1Image(np.asarray(data).astype(np.uint8), affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=4)
+    img.set_sform(affine, code=4)
+    return img
+
+
 def image_bytes(img: nib.Nifti1Image, name: str) -> bytes:
     """The bytes of a single-file NIfTI image written as ``name`` (gzip-compressed when
     it ends in ``.gz``)."""
@@ -65,6 +75,20 @@ def float_map_bytes(data: np.ndarray, affine: np.ndarray, name: str, stored_valu
     return gzip_bytes(raw) if str(name).endswith(".gz") else raw.data.toreadonly()
 
 
+def binary_mask_bytes(data: np.ndarray, affine: np.ndarray, name: str) -> bytes | memoryview:
+    """The bytes of :func:`binary_mask_image` of ``data`` written as ``name``, with the
+    header made once per (shape, affine) (nibabel takes about 1 ms a mask to make it);
+    uncompressed ``.nii`` files come as a read-only view of the bytes."""
+    data = np.asarray(data)
+    if data.ndim != 3:
+        return image_bytes(binary_mask_image(data, affine), name)
+    header = _header_prefix(data.shape, np.asarray(affine, dtype=float), np.uint8)
+    raw = np.empty(len(header) + data.size, dtype=np.uint8)
+    raw[: len(header)] = np.frombuffer(header, dtype=np.uint8)
+    np.ndarray(data.shape, dtype=np.uint8, buffer=raw, offset=len(header), order="F")[...] = data
+    return gzip_bytes(raw) if str(name).endswith(".gz") else raw.data.toreadonly()
+
+
 #: Largest decompressed ``.nii.gz`` file :func:`nifti1_in_one_piece` reads.
 WHOLE_READ_BYTES = 256 << 20
 
@@ -89,13 +113,23 @@ def nifti1_in_one_piece(path: str | Path) -> nib.Nifti1Image | None:
     return nib.Nifti1Image.from_bytes(content)
 
 
-def _header_prefix(shape: tuple[int, ...], affine: np.ndarray) -> bytes:
-    key = (tuple(shape), affine.tobytes())
+def float_map_header(shape: tuple[int, ...], affine: np.ndarray) -> bytes:
+    """The bytes before the voxels in a file of :func:`float_map_image` (made by nibabel
+    once per shape and affine)."""
+    return _header_prefix(tuple(shape), np.asarray(affine, dtype=float))
+
+
+def _header_prefix(shape: tuple[int, ...], affine: np.ndarray, dtype=np.float32) -> bytes:
+    """The bytes before the voxels in a file of :func:`float_map_image` (float32) or of
+    :func:`binary_mask_image` (uint8) of this shape and affine."""
+    dtype = np.dtype(dtype)
+    key = (tuple(shape), affine.tobytes(), dtype.str)
     with _HEADERS_LOCK:
         prefix = _HEADERS.get(key)
     if prefix is None:
-        written = float_map_image(np.zeros(shape, dtype=np.float32), affine).to_bytes()
-        prefix = written[: len(written) - int(np.prod(shape)) * 4]
+        make = binary_mask_image if dtype == np.uint8 else float_map_image
+        written = make(np.zeros(shape, dtype=dtype), affine).to_bytes()
+        prefix = written[: len(written) - int(np.prod(shape)) * dtype.itemsize]
         with _HEADERS_LOCK:
             if len(_HEADERS) >= _HEADERS_MAX:
                 _HEADERS.clear()

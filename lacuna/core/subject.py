@@ -18,7 +18,7 @@ import numpy as np
 
 from lacuna.core.entities import parse_entities, parse_resolution, read_sidecar, mask_label
 from lacuna.core.errors import SpaceError, ValidationError
-from lacuna.core.nifti_files import nifti1_in_one_piece
+from lacuna.core.nifti_files import binary_mask_image, nifti1_in_one_piece
 from lacuna.core.provenance import InputFile, ProvenanceStep
 from lacuna.core.results import Result
 from lacuna.core.spaces import (
@@ -100,7 +100,7 @@ class SubjectData:
             )
         self.resolution = float(header_resolution)
         _warn_frame_approximation(space)
-        self.mask_img = _binary_image(data, grid.affine)
+        self.mask_img = binary_mask_image(data, grid.affine)
         self.anatomical_img = anatomical_img
         self.results: dict[str, dict[str, Result]] = {}
         self.provenance: list[ProvenanceStep] = []
@@ -220,8 +220,12 @@ class SubjectData:
 
     @property
     def n_voxels(self) -> int:
-        """Number of lesioned voxels."""
-        return int(np.count_nonzero(np.asanyarray(self.mask_img.dataobj)))
+        """Number of lesioned voxels (counted once per mask image: a run asks for it
+        several times per mask)."""
+        counted = getattr(self, "_counted", None)
+        if counted is None or counted[0] is not self.mask_img:
+            counted = self._counted = (self.mask_img, int(np.count_nonzero(np.asanyarray(self.mask_img.dataobj))))
+        return counted[1]
 
     def get_volume_mm3(self) -> float:
         """Lesion volume in mm^3 (voxel count times voxel volume)."""
@@ -423,14 +427,6 @@ def _checked_mask_data(data: np.ndarray, source: str) -> np.ndarray:
     if not ones.any():
         raise ValidationError(f"{source}: the mask is empty (no voxel is 1); check the file")
     return ones.view(np.uint8)
-
-
-def _binary_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    img = nib.Nifti1Image(data.astype(np.uint8), affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=4)
-    img.set_sform(affine, code=4)
-    return img
 
 
 def _metadata_from_entities(entities: dict[str, str], path: Path) -> dict:

@@ -49,6 +49,7 @@ from lacuna.analysis.base import BatchAnalysis, mask_coverage_box, voxel_maps_to
 from lacuna.analysis.compiled_primitives import avx2_blas_on_avx512_cpu
 from lacuna.core import map_gzip
 from lacuna.core.memory import available_memory_bytes, default_memory_budget
+from lacuna.core.nifti_files import float_map_header
 from lacuna.analysis.functional.engine import (
     GROUPS_IN_FLIGHT,
     MAX_GROUP,
@@ -307,7 +308,9 @@ class FunctionalNetworkMapping(BatchAnalysis):
             log.info("%s: PINI voxel selection for %d lesion(s)", self.connectome.name, len(chunk))
             columns = pini_selection(self.connectome, columns, self.pini_percentile, self._progress("PINI selection"))
         log.info("%s: mapping %d lesion(s) over %d subjects", self.connectome.name, len(chunk), self.connectome.n_subjects)
-        map_gzip.prepare_in_background()  # the writer's kernels load while the pass leaves the GIL free
+        # The writer's kernels load, and its streams of this grid's maps are planned, while
+        # the pass leaves the GIL free (not by the first lesions after it).
+        map_gzip.prepare_in_background(then=self._plan_map_streams)
         spare, self._spare_sums = self._spare_sums, None
         sums, timing = stream_fisher_z(
             self.connectome, SeedDefinition.means(columns), self._progress("fLNM"), self._subjects_memory(), spare
@@ -337,6 +340,13 @@ class FunctionalNetworkMapping(BatchAnalysis):
                 yield lesion.index, outcome
         if self._keep_sums:  # every lesion's statistics are done: the next pass may take the memory
             self._spare_sums = sums
+
+    def _plan_map_streams(self) -> None:
+        """The header of this connectome's maps, and their gzip streams planned for
+        each value they hold outside its brain mask (:func:`~lacuna.core.map_gzip.plan`)."""
+        header = float_map_header(self.connectome.mask_shape, self.connectome.mask_affine)
+        for fill in (_FILL, _P_FILL):
+            map_gzip.plan(header, int(np.prod(self.connectome.mask_shape)), fill)
 
     @contextmanager
     def buffers_kept(self):
@@ -391,7 +401,7 @@ class FunctionalNetworkMapping(BatchAnalysis):
         }
         results: dict[str, Result] = {}
         for stat, (values, description, units) in maps.items():
-            fill = 1.0 if stat in ("p", "pfdr") else 0.0
+            fill = _P_FILL if stat in ("p", "pfdr") else _FILL
             results[f"{self.connectome.name}_{stat}"] = VoxelMap(
                 name=stat,
                 data=self._volume(values, fill),
@@ -421,6 +431,10 @@ class FunctionalNetworkMapping(BatchAnalysis):
 
     def _progress(self, what: str) -> ProgressLog:
         return ProgressLog(log, f"{self.connectome.name} {what}", "subjects")
+
+
+#: Values of the maps outside the connectome's brain mask: 1 in p maps, 0 in the others.
+_P_FILL, _FILL = 1.0, 0.0
 
 
 def _ordered_map(pool: ThreadPoolExecutor, function, items, ahead: int) -> Iterator:
