@@ -80,7 +80,10 @@ def test_a_site_folder_without_dataset_description_is_refused_with_the_fix(tmp_p
     assert "dataset_description.json" in result.output and "Add one" in result.output
 
 
-def test_atlas_site_runs_through_participant_and_group(tmp_path, identity_transforms):
+def test_atlas_site_runs_through_participant_and_group(tmp_path, identity_transforms, monkeypatch):
+    from lacuna.core import subject
+
+    monkeypatch.setattr(subject, "_warned_frames", set())  # warned once per process: not by an earlier test
     site = tmp_path / "R001"
     masks = _atlas_site(site)
     out = tmp_path / "out"

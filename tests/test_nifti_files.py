@@ -22,17 +22,39 @@ def test_float_map_bytes_equal_nibabel_save(tmp_path, order):
     assert float_map_bytes(data * 2, grid.affine, "map.nii")[:352] == (tmp_path / "reference.nii").read_bytes()[:352]
 
 
-@pytest.mark.parametrize(("resolution", "order"), [(2, "C"), (1, "F")])
-def test_binary_mask_bytes_equal_nibabel_save(tmp_path, resolution, order):
-    """The lesion mask as written (header made once per grid) is byte for byte what
-    nibabel saves of the mask image, for masks on different grids."""
-    grid = standard_grid("MNI152NLin6Asym", resolution)
+def _reference_mask_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """The mask image as nibabel makes it, step by step (uint8, mm, codes 4)."""
+    img = nib.Nifti1Image(data.astype(np.uint8), affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=4)
+    img.set_sform(affine, code=4)
+    return img
+
+
+_OBLIQUE = np.array([[1.1, 0.2, 0.0, -80.0], [-0.1, 0.9, 0.3, 20.0], [0.05, -0.2, 1.3, 5.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize(
+    ("affine", "shape", "order"),
+    [
+        (standard_grid("MNI152NLin6Asym", 2).affine, standard_grid("MNI152NLin6Asym", 2).shape, "C"),
+        (standard_grid("MNI152NLin2009cAsym", 1).affine, standard_grid("MNI152NLin2009cAsym", 1).shape, "F"),
+        (np.diag([3.0, -1.5, 2.2, 1.0]), (20, 30, 25), "C"),
+        (_OBLIQUE, (31, 27, 29), "F"),
+    ],
+)
+def test_mask_images_and_bytes_equal_nibabel(tmp_path, affine, shape, order):
+    """Mask images (their header copied after the first of a grid) and the lesion mask
+    as written (header bytes made once per grid) are byte for byte nibabel's, for the
+    first mask of a grid and the next."""
     for seed in (0, 1):
-        data = np.asarray(np.random.default_rng(seed).uniform(size=grid.shape) < 0.01, dtype=np.uint8, order=order)
-        nib.save(binary_mask_image(data, grid.affine), tmp_path / "reference.nii")
-        assert bytes(binary_mask_bytes(data, grid.affine, "mask.nii")) == (tmp_path / "reference.nii").read_bytes()
+        data = np.asarray(np.random.default_rng(seed).uniform(size=shape) < 0.05, dtype=np.uint8, order=order)
+        reference = _reference_mask_image(data, affine)
+        nib.save(reference, tmp_path / "reference.nii")
+        assert binary_mask_image(data, affine).to_bytes() == (tmp_path / "reference.nii").read_bytes()
+        assert bytes(binary_mask_bytes(data, affine, "mask.nii")) == (tmp_path / "reference.nii").read_bytes()
         written = tmp_path / "mask.nii.gz"
-        written.write_bytes(binary_mask_bytes(data, grid.affine, written.name))
+        written.write_bytes(binary_mask_bytes(data, affine, written.name))
         assert gzip.decompress(written.read_bytes()) == (tmp_path / "reference.nii").read_bytes()
 
 

@@ -382,7 +382,8 @@ def _load_image(path: Path) -> nib.Nifti1Image:
     (:func:`~lacuna.core.nifti_files.nifti1_in_one_piece`)."""
     try:
         img = nifti1_in_one_piece(path)
-        if img is None:
+        in_memory = img is not None
+        if not in_memory:
             img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt files
@@ -390,6 +391,8 @@ def _load_image(path: Path) -> nib.Nifti1Image:
             f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc}); check that the "
             "file is a complete .nii/.nii.gz image and re-export it if not"
         ) from exc
+    if in_memory:  # its data reads again from memory (a copy: cheaper than a new image)
+        return img
     return nib.Nifti1Image(data, img.affine, img.header)
 
 

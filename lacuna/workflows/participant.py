@@ -13,7 +13,7 @@ import time
 import traceback
 from contextlib import ExitStack, contextmanager
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from lacuna.workflows import messages
 from lacuna.workflows.config import RunConfig
 from lacuna.core.entities import mask_label, parse_entities
 from lacuna.workflows.name_check import NameCheck
-from lacuna.workflows.warm_up import MaskReader, WarmUp
+from lacuna.workflows.warm_up import AnalysesAhead, MaskReader, WarmUp
 from lacuna.workflows.mask_selection import (
     MaskSource,
     check_bids_dataset,
@@ -198,14 +198,15 @@ def _declared_space(path: Path, config: RunConfig, source: MaskSource) -> str | 
 
 
 def finish_mask(
-    subject: SubjectData, config: RunConfig, fingerprint: dict, start: float, analyses: Sequence[Analysis] = ()
+    subject: SubjectData, config: RunConfig, fingerprint: dict, start: float, analyses: AnalysesAhead | None = None
 ) -> MaskOutcome:
-    """Run the per-mask ``analyses`` left until now (see :func:`_run_with_batch`), record
-    the run in provenance and export every output of the mask."""
+    """Run (or take the results of) the per-mask ``analyses`` left until now (see
+    :func:`_run_with_batch`), record the run in provenance and export every output of
+    the mask."""
     path = Path(subject.metadata["source_path"])
     try:
-        for analysis in analyses:
-            subject = analysis.run(subject)
+        if analyses is not None:
+            subject = analyses.run(subject)
         step = ProvenanceStep(name=RUN_STEP, kind="run", parameters=fingerprint)
         subject.provenance.append(step.finish())
         export_bids_derivatives(subject, config.output_dir, overwrite=True)
@@ -353,9 +354,9 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
     file-name report) runs while the pass leaves the GIL free, instead of holding up
     the start."""
     # The per-mask analyses (regional damage) are not needed by a pass: in this process
-    # they run as each mask is finished, on all cores after its pass, and the first pass
-    # starts as soon as the masks are read (worker processes run them as they read).
-    deferred = analyses if pool is None else []
+    # they run on a background thread during the pass (worker processes run them as
+    # they read), so that the first pass starts as soon as the masks are read.
+    deferred = AnalysesAhead(analyses if pool is None else [])
     per_pass = min(analysis.lesions_per_pass(extra_bytes=_MASK_BYTES) for analysis in batch)
     # Reading the next group ahead holds two groups of masks: only when the memory
     # budget allows it without smaller groups (more passes over a connectome larger
@@ -378,7 +379,8 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
         return start, prepared
 
     groups = _balanced_groups(masks, per_pass) if masks else []
-    with ExitStack() as buffers, _BackgroundFinisher(config, fingerprint, times, deferred) as finisher, MaskReader(groups, prepare_group, read_ahead) as reader:
+    finisher = _BackgroundFinisher(config, fingerprint, times, deferred)
+    with ExitStack() as buffers, deferred, finisher, MaskReader(groups, prepare_group, read_ahead) as reader:
         for analysis in batch:  # their memory, from one group's pass to the next
             buffers.enter_context(analysis.buffers_kept())
             if groups:  # made in the background while the masks are read
@@ -402,6 +404,7 @@ def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, 
             log_outcome.group_done()
             release_free_heap()  # before the pass maps its subjects (see its docs)
             before_pass()
+            deferred.start(subjects)
             for position, analysis in enumerate(batch):
                 last = position == len(batch) - 1
                 finish = finisher.finish_now(start) if last else None
@@ -484,7 +487,7 @@ class _BackgroundFinisher:
     two masks per thread are pending, which bounds the maps held in memory.
     """
 
-    def __init__(self, config: RunConfig, fingerprint: dict, times: PhaseTimes, analyses: Sequence[Analysis] = ()):
+    def __init__(self, config: RunConfig, fingerprint: dict, times: PhaseTimes, analyses: AnalysesAhead | None = None):
         self._config, self._fingerprint, self._times, self._analyses = config, fingerprint, times, analyses
         threads = worker_threads()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lacuna-writer")

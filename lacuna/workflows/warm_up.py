@@ -1,18 +1,21 @@
 """Reading ahead in the participant level: atlases and parcel operators are prepared on
 a background thread while the main thread goes on with the dataset and the compiled
-kernels (:class:`WarmUp`), and groups of masks are read on another while the group
-before them is written (:class:`MaskReader`)."""
+kernels (:class:`WarmUp`), groups of masks are read on another while the group before
+them is written (:class:`MaskReader`), and the per-mask analyses of a group run while
+its connectome pass leaves the GIL free (:class:`AnalysesAhead`)."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from lacuna.analysis.base import Analysis, BatchAnalysis
 from lacuna.analysis.regional.aggregation import ParcelAggregation
 from lacuna.core.grid import Grid
+from lacuna.core.subject import SubjectData
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +101,53 @@ class MaskReader:
         if not self._pending and self._read < len(self._groups):
             self._pending.append(self._pool.submit(self._prepare, self._groups[self._read]))
             self._read += 1
+
+
+class AnalysesAhead:
+    """Per-mask analyses (regional damage) run ahead on a background thread: started for
+    a group's masks when their connectome pass begins (:meth:`start`), they run while
+    the pass leaves the GIL free, and :meth:`run` then only adds their results to each
+    mask as it is finished after the pass, on all cores. A mask not started, or still
+    queued, is analysed by :meth:`run` itself; an analysis' error is raised there too."""
+
+    def __init__(self, analyses: list[Analysis]):
+        self.analyses = list(analyses)
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lacuna-ahead")
+
+    def __enter__(self) -> "AnalysesAhead":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def start(self, subjects: list[SubjectData]) -> None:
+        """Queue the analyses of ``subjects``, in order."""
+        if not self.analyses:
+            return
+        with self._lock:
+            for subject in subjects:
+                self._pending[_mask_key(subject)] = self._pool.submit(self._run_here, subject)
+
+    def run(self, subject: SubjectData) -> SubjectData:
+        """``subject`` with each analysis' results and provenance step (the order of
+        ``analyses``, after the steps it has)."""
+        with self._lock:
+            ahead = self._pending.pop(_mask_key(subject), None)
+        if ahead is None or ahead.cancel():
+            return self._run_here(subject)
+        analysed = ahead.result()
+        steps = analysed.provenance[len(analysed.provenance) - len(self.analyses) :]
+        for analysis, step in zip(self.analyses, steps):
+            subject = subject.with_results(analysis.name, analysed.results[analysis.name], step)
+        return subject
+
+    def _run_here(self, subject: SubjectData) -> SubjectData:
+        for analysis in self.analyses:
+            subject = analysis.run(subject)
+        return subject
+
+
+def _mask_key(subject: SubjectData) -> str:
+    return subject.metadata["source_path"]
