@@ -364,3 +364,49 @@ def test_atomic_write_takes_any_bytes_like_data_whole_with_the_usual_mode(tmp_pa
     os.umask(umask)
     assert (tmp_path / "short.bin").stat().st_mode & 0o777 == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["short.bin", "values.bin"]
+
+
+def test_resolved_paths_equal_pathlib_resolve_through_links(tmp_path):
+    """Folders are resolved once and kept; links (of folders and files), missing files
+    and '..' resolve as ``Path.resolve`` does, also after a link changed and the
+    folders were forgotten."""
+    from lacuna.core.provenance import forget_resolved_folders, resolved_path
+
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "b" / "sub").mkdir(parents=True)
+    (tmp_path / "a" / "sub" / "mask.nii.gz").write_bytes(b"a")
+    (tmp_path / "a" / "sub" / "linked.nii.gz").symlink_to(tmp_path / "a" / "sub" / "mask.nii.gz")
+    (tmp_path / "dataset").symlink_to(tmp_path / "a")
+    paths = [
+        tmp_path / "dataset" / "sub" / "mask.nii.gz",
+        tmp_path / "dataset" / "sub" / "linked.nii.gz",
+        tmp_path / "dataset" / "sub" / "missing.nii.gz",
+        tmp_path / "dataset" / "sub" / ".." / "sub" / "mask.nii.gz",
+    ]
+    for path in paths:
+        assert resolved_path(path) == path.resolve()
+    (tmp_path / "dataset").unlink()
+    (tmp_path / "dataset").symlink_to(tmp_path / "b")
+    forget_resolved_folders()
+    assert resolved_path(paths[2]) == paths[2].resolve() == tmp_path / "b" / "sub" / "missing.nii.gz"
+
+
+def test_an_input_read_whole_is_not_read_again_for_its_checksum(tmp_path, monkeypatch):
+    from lacuna.core import provenance
+
+    path = tmp_path / "sub-01_mask.nii.gz"
+    content = bytes(range(256)) * 300
+    path.write_bytes(content)
+    assert provenance.read_input_bytes(path) == content
+
+    def not_again(name):
+        raise AssertionError(f"{name} read again")
+
+    monkeypatch.setattr(provenance, "_sha256_of", not_again)
+    provenance._sha256_cached.cache_clear()
+    assert provenance.sha256_file(path) == sha256(path)
+    assert provenance.InputFile.from_path("lesion_mask", path).sha256 == sha256(path)
+    path.write_bytes(content[:-1])  # changed: its size and time are another key
+    os.utime(path, ns=(1, 1))
+    with pytest.raises(AssertionError, match="read again"):
+        provenance.sha256_file(path)

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from lacuna.core.compression import gunzip_bytes, gzip_bytes
+from lacuna.core.provenance import read_input_bytes
 
 _HEADERS: dict[tuple, bytes] = {}
 _MASK_HEADERS: dict[tuple, nib.Nifti1Header] = {}
@@ -120,7 +121,7 @@ def nifti1_in_one_piece(path: str | Path) -> nib.Nifti1Image | None:
     path = Path(path)
     if not path.name.endswith(".gz"):
         return None
-    raw = path.read_bytes()
+    raw = read_input_bytes(path)
     if len(raw) < 18 or raw[:2] != b"\x1f\x8b" or int.from_bytes(raw[-4:], "little") > WHOLE_READ_BYTES:
         return None
     content = gunzip_bytes(raw)

@@ -79,9 +79,61 @@ def _persist_digest(store: Path, key: str, digest: str) -> None:
 def sha256_file(path: str | Path) -> str:
     """SHA-256 of a file, cached per (path, size, modification time)."""
     path = _absolute(path)
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    return _sha256_with_stat(str(path), path.stat())
+
+
+def _sha256_with_stat(path: str, stat: os.stat_result) -> str:
+    key = (path, stat.st_size, stat.st_mtime_ns)
     return _WRITTEN_DIGESTS.get(key) or _sha256_cached(*key)
+
+
+def read_input_bytes(path: str | Path) -> bytes:
+    """The whole content of a small input file (a lesion mask), read in five system
+    calls, its SHA-256 remembered for :func:`sha256_file` (provenance then need not
+    read the file again).
+
+    Masks are read on a thread beside the main thread's start-up; every system call
+    hands the GIL over and may wait up to a switch interval to get it back, so the
+    fewer, the sooner the masks are read.
+    """
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        stat = os.fstat(descriptor)
+        pieces = []
+        while piece := os.read(descriptor, max(stat.st_size, 1 << 16)):  # the file, then its end
+            pieces.append(piece)
+    finally:
+        os.close(descriptor)
+    content = b"".join(pieces)
+    if len(content) == stat.st_size and stat.st_size < PERSISTED_DIGEST_BYTES:
+        _remember((str(_absolute(path)), stat.st_size, stat.st_mtime_ns), hashlib.sha256(content).hexdigest())
+    return content
+
+
+def resolved_path(path: str | Path) -> Path:
+    """``Path(path).resolve()``, with the resolution of every folder kept
+    (:func:`forget_resolved_folders` clears it; a run does at its start): a file whose
+    folder was seen costs one system call, not one per path component."""
+    if ".." in Path(path).parts:
+        return Path(os.path.realpath(path))
+    return Path(_resolved(os.path.abspath(path)))
+
+
+def _resolved(absolute: str) -> str:
+    if os.path.islink(absolute):
+        return os.path.realpath(absolute)
+    folder, name = os.path.split(absolute)
+    return os.path.join(_resolved_folder(folder), name) if name else absolute
+
+
+@lru_cache(maxsize=4096)
+def _resolved_folder(folder: str) -> str:
+    return _resolved(folder)
+
+
+def forget_resolved_folders() -> None:
+    """Forget the folders :func:`resolved_path` resolved (their links may have changed)."""
+    _resolved_folder.cache_clear()
 
 
 def _absolute(path: str | Path) -> Path:
@@ -90,7 +142,8 @@ def _absolute(path: str | Path) -> Path:
     return Path(os.path.abspath(path))
 
 
-#: Digests of files this process wrote from memory, by (path, size, modification time).
+#: Digests of files this process wrote from memory or read whole, by (path, size,
+#: modification time).
 _WRITTEN_DIGESTS: dict[tuple[str, int, int], str] = {}
 _WRITTEN_DIGESTS_MAX = 100_000
 
@@ -101,10 +154,14 @@ def remember_sha256(path: str | Path, data: bytes) -> str:
     digest = hashlib.sha256(data).hexdigest()
     path = _absolute(path)
     stat = path.stat()
+    _remember((str(path), stat.st_size, stat.st_mtime_ns), digest)
+    return digest
+
+
+def _remember(key: tuple[str, int, int], digest: str) -> None:
     if len(_WRITTEN_DIGESTS) >= _WRITTEN_DIGESTS_MAX:
         _WRITTEN_DIGESTS.clear()
-    _WRITTEN_DIGESTS[(str(path), stat.st_size, stat.st_mtime_ns)] = digest
-    return digest
+    _WRITTEN_DIGESTS[key] = digest
 
 
 #: Files larger than this are identified by size and modification time instead of a
@@ -129,9 +186,9 @@ class InputFile:
     @classmethod
     def from_path(cls, role: str, path: str | Path) -> "InputFile":
         """Describe ``path`` (hashing its content unless it is very large)."""
-        path = Path(path).resolve()
+        path = resolved_path(path)
         stat = path.stat()
-        digest = sha256_file(path) if stat.st_size <= MAX_HASHED_BYTES else None
+        digest = _sha256_with_stat(str(path), stat) if stat.st_size <= MAX_HASHED_BYTES else None
         modified = datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat(timespec="seconds")
         return cls(role=role, path=str(path), sha256=digest, size_bytes=stat.st_size, modified=modified)
 

@@ -19,7 +19,7 @@ import numpy as np
 from lacuna.core.entities import parse_entities, parse_resolution, read_sidecar, mask_label
 from lacuna.core.errors import SpaceError, ValidationError
 from lacuna.core.nifti_files import binary_mask_image, nifti1_in_one_piece
-from lacuna.core.provenance import InputFile, ProvenanceStep
+from lacuna.core.provenance import InputFile, ProvenanceStep, resolved_path
 from lacuna.core.results import Result
 from lacuna.core.spaces import (
     Grid,
@@ -437,7 +437,7 @@ def _metadata_from_entities(entities: dict[str, str], path: Path) -> dict:
         "subject_id": entities.get("sub"),
         "session_id": entities.get("ses"),
         "label": mask_label(entities),
-        "source_path": str(path.resolve()),
+        "source_path": str(resolved_path(path)),
     }
     for key in ("acq", "run", "res"):
         if key in entities:

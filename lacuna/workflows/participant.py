@@ -35,7 +35,7 @@ from lacuna.workflows.mask_selection import (
     source_of,
 )
 from lacuna.core.errors import BidsError, ValidationError
-from lacuna.core.provenance import InputFile, ProvenanceStep
+from lacuna.core.provenance import InputFile, ProvenanceStep, forget_resolved_folders
 from lacuna.core.subject import SubjectData
 from lacuna.core.atomic import remove_stale_temporaries
 from lacuna.core.memory import release_free_heap
@@ -278,6 +278,7 @@ def run_participant(config: RunConfig) -> ParticipantSummary:
         If the dataset is unusable or no mask is selected.
     """
     times = PhaseTimes()
+    forget_resolved_folders()  # links may have changed since an earlier run in this process
     skipped_folders = {p for p in (config.output_dir, config.work_dir) if p}
     name_check = NameCheck(config.bids_dir, skipped_folders, enabled=not config.skip_bids_validation)
     with WarmUp() as warm_up, name_check:
