@@ -25,9 +25,11 @@ removed when the benchmark ends. After thousands of files are deleted, ext4 crea
 files in the same block group more slowly for up to five minutes (its inode allocator
 skips recently freed inodes): an L=100 run right after an earlier benchmark's clean-up
 took 0.7-1 s longer here. For repeated measurements put ``--outputs`` on a tmpfs
-(``/dev/shm``), where runs take what a first run on a fresh ext4 folder takes. The
-connectome is read once before the runs, so that it is in the page cache. Memory is in
-GiB (2**30 bytes).
+(``/dev/shm``), where runs take what a first run on a fresh ext4 folder takes (and
+keep it clear of other files: what a tmpfs holds is memory, and with 8 GB of old
+outputs there an L=100 run took up to 0.6 s longer). The connectome is read once
+before the runs, so that it is in the page cache. Memory is in GiB (2**30 bytes); the
+first line says how much was available.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import threadpoolctl
 
 import lacuna as lacuna_package
 
+from lacuna.core.memory import available_memory_bytes
 from lacuna.core.spaces import standard_grid
 from lacuna.formats.functional_connectome import ConnectomeWriter
 
@@ -275,7 +278,11 @@ def main() -> None:
     compileall.compile_dir(str(Path(lacuna_package.__file__).parent), quiet=1)
     kernels = ", ".join(sorted({str(lib.get("architecture")) for lib in threadpoolctl.threadpool_info() if lib.get("internal_api") == "openblas"}))
     coretype = os.environ.get("OPENBLAS_CORETYPE")
-    print(f"{os.cpu_count()} CPUs; OpenBLAS kernels {kernels or 'n/a'}" + (f" (OPENBLAS_CORETYPE={coretype})" if coretype else "") + f"; data in {workdir}")
+    available = available_memory_bytes() / 2**30
+    print(
+        f"{os.cpu_count()} CPUs; OpenBLAS kernels {kernels or 'n/a'}" + (f" (OPENBLAS_CORETYPE={coretype})" if coretype else "")
+        + f"; {available:.1f} GiB memory available; data in {workdir}"
+    )
     try:
         run_fixed_cost(workdir, runs, lacuna, args.atlas)
         if not args.no_functional:
