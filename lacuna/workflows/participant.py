@@ -343,8 +343,8 @@ def _run_per_mask(config, masks, analyses, fingerprint, pool, summary, times) ->
 
 def _run_with_batch(config, masks, analyses, batch, fingerprint, pool, summary, times, before_pass=lambda: None) -> None:
     """Masks in memory-sized groups: one connectome pass per group and batch analysis
-    for all its lesions, the per-mask analyses as each mask is finished. When the
-    memory budget allows two groups of masks, the next group's are read on a background
+    for all its lesions, the per-mask analyses on a background thread during it. When
+    the memory budget allows two groups of masks, the next group's are read on a background
     thread once this group's pass is done (during the pass, when memory peaks, they
     would add to it). Each mask is finished (maps compressed, tables and provenance
     written) as soon as its last batch analysis has its maps: on that analysis' worker

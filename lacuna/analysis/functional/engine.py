@@ -159,8 +159,9 @@ class FisherZSums:
             reuse = reuse.take()
         if reuse is not None and reuse.shift.shape[1] == n_voxels and reuse.shift.shape[0] >= n_lesions:
             arrays = [array[:n_lesions] for array in (reuse.shift, reuse.sum_dz, reuse.sum_dz2)]
-            for array in arrays if not fresh else ():
-                array.fill(0)
+            if not fresh:  # an earlier pass's sums are in them
+                for array in arrays:
+                    array.fill(0)
             return cls(*arrays, excluded_seeds=np.zeros(n_lesions, dtype=np.int64))
         return cls(
             zeros_on_small_pages(shape, np.float32),
