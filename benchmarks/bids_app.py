@@ -39,7 +39,6 @@ import compileall
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -63,11 +62,13 @@ ATLASES = Path(__file__).resolve().parents[2] / "shared" / "data" / "atlases"
 BATCH_FILES = 3
 
 # Runs a command and prints, on stderr, the peak RSS (kB) of everything it started
-# (RUSAGE_CHILDREN: the largest of the waited-for descendants) and the peaks of the
+# (RUSAGE_CHILDREN: the largest of the waited-for descendants), the peaks of the
 # command's private (RssAnon) and file-backed (RssFile: the connectome's page-cache
-# pages it maps) resident memory, sampled every 20 ms.
+# pages it maps) resident memory, sampled every 20 ms, and the command's wall time and
+# CPU time (not the wrapper's own start-up).
 _RSS_WRAPPER = """
 import resource, subprocess, sys, threading, time
+start = time.perf_counter()
 child = subprocess.Popen(sys.argv[1:])
 peaks = {"RssAnon": 0, "RssFile": 0}
 def sample():
@@ -82,7 +83,10 @@ def sample():
         time.sleep(0.02)
 threading.Thread(target=sample, daemon=True).start()
 code = child.wait()
-print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, peaks["RssAnon"], peaks["RssFile"], file=sys.stderr)
+wall = time.perf_counter() - start
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print("PEAK_RSS_KB", usage.ru_maxrss, peaks["RssAnon"], peaks["RssFile"], file=sys.stderr)
+print("COMMAND_SECONDS", wall, usage.ru_utime + usage.ru_stime, file=sys.stderr)
 sys.exit(code)
 """
 
@@ -164,16 +168,13 @@ class Run:
 
 
 def timed(command: list[str]) -> Run:
-    """Run a command and measure it."""
-    start = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """Run a command and measure it (its own wall and CPU time, as the wrapper process
+    that samples its memory reports them)."""
     done = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, *command], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     rss, private, mapped = (int(value) / 1024**2 for value in re.search(r"PEAK_RSS_KB (\d+) (\d+) (\d+)", done.stderr).groups())
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    seconds, cpu = (float(value) for value in re.search(r"COMMAND_SECONDS (\S+) (\S+)", done.stderr).groups())
     return Run(seconds, cpu, Memory(rss, private, mapped), done.stderr)
 
 
