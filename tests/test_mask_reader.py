@@ -107,3 +107,16 @@ def test_an_error_of_an_analysis_run_ahead_is_raised_when_its_mask_is_finished()
         assert ahead.run(subjects[0]).results["_Volume"]["volume"].value > 0
         with pytest.raises(ValueError, match="no volume for 01"):
             ahead.run(subjects[1])
+
+
+def test_what_an_earlier_group_left_is_dropped_when_the_next_starts():
+    """A mask whose pass failed is never finished; its result run ahead is not kept
+    once the next group starts (a cohort's failures would otherwise pile up)."""
+    subjects = _subjects(3)
+    analysis = _Volume()
+    with AnalysesAhead([analysis]) as ahead:
+        ahead.start(subjects[:2])
+        ahead.run(subjects[0])  # subjects[1] failed in its pass: never finished
+        ahead.start(subjects[2:])
+        assert list(ahead._pending) == [subjects[2].metadata["source_path"]]
+        assert ahead.run(subjects[1]).results["_Volume"]["volume"].value > 0  # run here, if asked

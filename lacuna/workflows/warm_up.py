@@ -123,10 +123,13 @@ class AnalysesAhead:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def start(self, subjects: list[SubjectData]) -> None:
-        """Queue the analyses of ``subjects``, in order."""
+        """Queue the analyses of ``subjects``, in order. What an earlier group left
+        (masks its pass could not map, never finished) is dropped: its masks are all
+        finished or failed by the time the next group starts."""
         if not self.analyses:
             return
         with self._lock:
+            self._pending.clear()
             for subject in subjects:
                 self._pending[_mask_key(subject)] = self._pool.submit(self._run_here, subject)
 
