@@ -27,7 +27,7 @@ skips recently freed inodes): an L=100 run right after an earlier benchmark's cl
 took 0.7-1 s longer here. For repeated measurements put ``--outputs`` on a tmpfs
 (``/dev/shm``), where runs take what a first run on a fresh ext4 folder takes (and
 keep it clear of other files: what a tmpfs holds is memory, and with 8 GB of old
-outputs there an L=100 run took up to 0.6 s longer). The connectome is read once
+outputs there an L=100 run took up to 1 s longer). The connectome is read once
 before the runs, so that it is in the page cache. Memory is in GiB (2**30 bytes); the
 first line says how much was available.
 """
