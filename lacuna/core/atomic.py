@@ -149,17 +149,14 @@ def owner_tag() -> str:
     return f"{_host_tag()}{_process_id()}"
 
 
-_PROCESS_ID: list[int] = []  # this process' id, found once (a system call each time)
-
-
+@functools.cache
 def _process_id() -> int:
-    if not _PROCESS_ID:
-        _PROCESS_ID.append(os.getpid())
-    return _PROCESS_ID[0]
+    """This process' id, asked once (a system call each time; a forked child asks again)."""
+    return os.getpid()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_PROCESS_ID.clear)
+    os.register_at_fork(after_in_child=_process_id.cache_clear)
 
 
 def _process_alive(pid: int) -> bool:

@@ -30,37 +30,45 @@ _HEADERS_MAX = 64
 def float_map_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     """A float32 NIfTI image with millimetre units and the affine as qform and sform
     (code 4, MNI152)."""
-    affine = np.asarray(affine, dtype=float)
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=4)
-    img.set_sform(affine, code=4)
-    return img
+    return _template_space_image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=float))
 
 
 def binary_mask_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     """A uint8 NIfTI image of a 0/1 mask with millimetre units and the affine as qform
     and sform (code 4, MNI152).
 
-    The header is made once per shape and affine and copied for each image after that
-    (a quarter of the time: every mask of a run is made into one).
+    The header is made once per shape and affine and copied for each image (a quarter
+    of the time: every mask of a run is made into one); nibabel keeps its codes and
+    units, since it holds the same affine.
     """
     data = np.asarray(data).astype(np.uint8)
     affine = np.asarray(affine, dtype=float)
-    key = (data.shape, affine.tobytes())
-    with _HEADERS_LOCK:
-        header = _MASK_HEADERS.get(key)
-    if header is not None:  # nibabel keeps its codes and units: it holds this affine
-        return nib.Nifti1Image(data, affine, header)
+    header = _kept(
+        _MASK_HEADERS, (data.shape, affine.tobytes()), lambda: _template_space_image(np.zeros(data.shape, np.uint8), affine).header
+    )
+    return nib.Nifti1Image(data, affine, header)
+
+
+def _template_space_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=4)
     img.set_sform(affine, code=4)
-    with _HEADERS_LOCK:
-        if len(_MASK_HEADERS) >= _HEADERS_MAX:
-            _MASK_HEADERS.clear()
-        _MASK_HEADERS[key] = img.header.copy()
     return img
+
+
+def _kept(cache: dict, key: tuple, make):
+    """``cache[key]``, made by ``make()`` when missing (at most :data:`_HEADERS_MAX`
+    kept; the caches are shared by threads)."""
+    with _HEADERS_LOCK:
+        found = cache.get(key)
+    if found is None:
+        found = make()
+        with _HEADERS_LOCK:
+            if len(cache) >= _HEADERS_MAX:
+                cache.clear()
+            cache[key] = found
+    return found
 
 
 def image_bytes(img: nib.Nifti1Image, name: str) -> bytes:
@@ -140,15 +148,10 @@ def _header_prefix(shape: tuple[int, ...], affine: np.ndarray, dtype=np.float32)
     """The bytes before the voxels in a file of :func:`float_map_image` (float32) or of
     :func:`binary_mask_image` (uint8) of this shape and affine."""
     dtype = np.dtype(dtype)
-    key = (tuple(shape), affine.tobytes(), dtype.str)
-    with _HEADERS_LOCK:
-        prefix = _HEADERS.get(key)
-    if prefix is None:
+
+    def made_by_nibabel() -> bytes:
         make = binary_mask_image if dtype == np.uint8 else float_map_image
         written = make(np.zeros(shape, dtype=dtype), affine).to_bytes()
-        prefix = written[: len(written) - int(np.prod(shape)) * dtype.itemsize]
-        with _HEADERS_LOCK:
-            if len(_HEADERS) >= _HEADERS_MAX:
-                _HEADERS.clear()
-            _HEADERS[key] = prefix
-    return prefix
+        return written[: len(written) - int(np.prod(shape)) * dtype.itemsize]
+
+    return _kept(_HEADERS, (tuple(shape), affine.tobytes(), dtype.str), made_by_nibabel)
